@@ -1,0 +1,13 @@
+//! The model repository: which models exist, where their ONNX files are, and the precision
+//! policy that says how each one is served.
+//!
+//! Layout: `<store>/<model>/model.onnx` and `<store>/<model>/policy.yaml`. Policies are parsed
+//! strictly (unknown keys are errors) and validated into typed settings; every error names the
+//! file, the line and the key.
+
+mod policy;
+mod repository;
+mod yaml_location;
+
+pub use policy::{Policy, PolicyError, Precision, ServingSettings, VariantSpec};
+pub use repository::{ModelEntry, RepositoryError, scan_repository};

@@ -1,0 +1,328 @@
+//! The precision policy (`policy.yaml`): raw serde structures, then validation into typed
+//! settings. The schema grows by adding keys under `variants.<name>`; unknown keys are errors.
+//!
+//! ```yaml
+//! serving:              # defaults for every variant
+//!   max_batch_size: 32
+//!   instances: 1
+//!   intra_op_threads: 1
+//! variants:
+//!   fp32:
+//!     precision: fp32
+//!     serving:          # optional per-variant overrides
+//!       instances: 2
+//! routing:
+//!   default: fp32
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::yaml_location::line_of_key;
+
+/// A policy file that could not be read, parsed or validated.
+#[derive(Debug, thiserror::Error)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    /// 1-based line, when it could be determined.
+    pub line: Option<usize>,
+    /// Dotted key path, e.g. `variants.fp32.serving.instances`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": key `{}`", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Numeric precision a variant executes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+        }
+    }
+}
+
+/// How one variant is executed: batch limit, worker count and threads per worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServingSettings {
+    /// Largest batch a request may carry along dimension 0; `None` lets the server choose
+    /// from the model (0 when the model has a fixed leading dimension).
+    pub max_batch_size: Option<u32>,
+    /// Worker threads, each owning one ONNX Runtime session.
+    pub instances: u32,
+    /// ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime decide.
+    pub intra_op_threads: u32,
+}
+
+impl Default for ServingSettings {
+    fn default() -> Self {
+        Self { max_batch_size: None, instances: 1, intra_op_threads: 1 }
+    }
+}
+
+/// One named variant of a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VariantSpec {
+    pub name: String,
+    pub precision: Precision,
+    pub serving: ServingSettings,
+}
+
+/// A validated policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// The file it came from, or `None` for the built-in default.
+    pub source: Option<PathBuf>,
+    pub variants: Vec<VariantSpec>,
+    /// Variant that serves requests with an empty `model_version`.
+    pub default_variant: String,
+}
+
+impl Policy {
+    /// The policy used when a model directory has no `policy.yaml`: one fp32 variant.
+    pub fn default_fp32() -> Self {
+        Self {
+            source: None,
+            variants: vec![VariantSpec {
+                name: "fp32".to_owned(),
+                precision: Precision::Fp32,
+                serving: ServingSettings::default(),
+            }],
+            default_variant: "fp32".to_owned(),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|err| PolicyError {
+            file: path.to_owned(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read policy: {err}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates policy text; `path` is used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, PolicyError> {
+        let raw = parse_raw(text, path)?;
+        validate(raw, text, path)
+    }
+
+    pub fn variant(&self, name: &str) -> Option<&VariantSpec> {
+        self.variants.iter().find(|variant| variant.name == name)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    serving: RawServing,
+    variants: BTreeMap<String, RawVariant>,
+    #[serde(default)]
+    routing: RawRouting,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServing {
+    max_batch_size: Option<u32>,
+    instances: Option<u32>,
+    intra_op_threads: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVariant {
+    precision: Precision,
+    #[serde(default)]
+    serving: RawServing,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    default: Option<String>,
+}
+
+fn parse_raw(text: &str, path: &Path) -> Result<RawPolicy, PolicyError> {
+    let deserializer = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let key = err.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        let inner = err.into_inner();
+        let line = inner.location().map(|location| location.line());
+        // serde_yaml appends " at line L column C"; the line is reported separately.
+        let message = inner.to_string();
+        let message = match message.find(" at line ") {
+            Some(cut) => message[..cut].to_owned(),
+            None => message,
+        };
+        PolicyError { file: path.to_owned(), line, key, message }
+    })
+}
+
+fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyError> {
+    let error = |key_path: &[&str], message: String| PolicyError {
+        file: path.to_owned(),
+        line: line_of_key(text, key_path),
+        key: key_path.join("."),
+        message,
+    };
+
+    if raw.variants.is_empty() {
+        return Err(error(&["variants"], "at least one variant is required".to_owned()));
+    }
+    let defaults = merge_serving(&ServingSettings::default(), &raw.serving);
+    check_serving(&defaults, &["serving"], &error)?;
+
+    let mut variants = Vec::with_capacity(raw.variants.len());
+    for (name, variant) in &raw.variants {
+        if !is_valid_name(name) {
+            return Err(error(
+                &["variants", name],
+                format!("variant name `{name}` must be non-empty and use only letters, digits, '_', '-' or '.'"),
+            ));
+        }
+        let serving = merge_serving(&defaults, &variant.serving);
+        check_serving(&serving, &["variants", name, "serving"], &error)?;
+        variants.push(VariantSpec { name: name.clone(), precision: variant.precision, serving });
+    }
+
+    let default_variant = match &raw.routing.default {
+        Some(name) if raw.variants.contains_key(name) => name.clone(),
+        Some(name) => {
+            let known: Vec<&str> = raw.variants.keys().map(String::as_str).collect();
+            return Err(error(
+                &["routing", "default"],
+                format!("names unknown variant `{name}`; expected one of {known:?}"),
+            ));
+        }
+        None if variants.len() == 1 => variants[0].name.clone(),
+        None => {
+            return Err(error(
+                &["routing"],
+                "`routing.default` is required when a policy has more than one variant".to_owned(),
+            ));
+        }
+    };
+
+    Ok(Policy { source: Some(path.to_owned()), variants, default_variant })
+}
+
+fn merge_serving(base: &ServingSettings, raw: &RawServing) -> ServingSettings {
+    ServingSettings {
+        max_batch_size: raw.max_batch_size.or(base.max_batch_size),
+        instances: raw.instances.unwrap_or(base.instances),
+        intra_op_threads: raw.intra_op_threads.unwrap_or(base.intra_op_threads),
+    }
+}
+
+fn check_serving(
+    serving: &ServingSettings,
+    at: &[&str],
+    error: &impl Fn(&[&str], String) -> PolicyError,
+) -> Result<(), PolicyError> {
+    let key = |leaf: &'static str| -> Vec<&str> { at.iter().copied().chain([leaf]).collect() };
+    if serving.instances == 0 || serving.instances > 256 {
+        return Err(error(&key("instances"), format!("expected 1..=256, got {}", serving.instances)));
+    }
+    if serving.intra_op_threads > 1024 {
+        return Err(error(&key("intra_op_threads"), format!("expected 0..=1024, got {}", serving.intra_op_threads)));
+    }
+    if let Some(size) = serving.max_batch_size
+        && size > 65_536
+    {
+        return Err(error(&key("max_batch_size"), format!("expected 0..=65536, got {size}")));
+    }
+    Ok(())
+}
+
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Policy, PolicyError> {
+        Policy::parse(text, Path::new("store/m/policy.yaml"))
+    }
+
+    #[test]
+    fn parses_full_policy_with_overrides() {
+        let policy = parse(
+            "serving:\n  max_batch_size: 16\n  instances: 2\nvariants:\n  fp32:\n    precision: fp32\n    serving:\n      intra_op_threads: 4\nrouting:\n  default: fp32\n",
+        )
+        .unwrap();
+        assert_eq!(policy.default_variant, "fp32");
+        assert_eq!(
+            policy.variants[0].serving,
+            ServingSettings { max_batch_size: Some(16), instances: 2, intra_op_threads: 4 }
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = parse("variants:\n  fp32:\n    precision: fp32\n    instancez: 3\n").unwrap_err();
+        assert_eq!(err.line, Some(4), "{err}");
+        assert!(err.key.starts_with("variants.fp32"), "{err}");
+        assert!(err.message.contains("unknown field `instancez`"), "{err}");
+        assert!(err.to_string().starts_with("store/m/policy.yaml:4: key `variants.fp32"), "{err}");
+    }
+
+    #[test]
+    fn unknown_precision_is_rejected() {
+        let err = parse("variants:\n  x:\n    precision: int4\n").unwrap_err();
+        assert_eq!(err.line, Some(3), "{err}");
+        assert_eq!(err.key, "variants.x.precision");
+        assert!(err.message.contains("int4"), "{err}");
+    }
+
+    #[test]
+    fn routing_to_unknown_variant_is_rejected() {
+        let err = parse("variants:\n  fp32:\n    precision: fp32\nrouting:\n  default: int8\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(5), "routing.default"));
+        assert!(err.message.contains("`int8`"), "{err}");
+    }
+
+    #[test]
+    fn zero_instances_is_rejected_with_location() {
+        let err = parse("variants:\n  fp32:\n    precision: fp32\n    serving:\n      instances: 0\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(5), "variants.fp32.serving.instances"));
+        assert!(err.message.contains("got 0"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_rejected() {
+        let err = parse("serving:\n  instances: many\nvariants:\n  fp32:\n    precision: fp32\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(2), "serving.instances"));
+    }
+
+    #[test]
+    fn multiple_variants_need_a_default() {
+        let err = parse("variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp32\n").unwrap_err();
+        assert_eq!(err.key, "routing");
+    }
+}

@@ -1,0 +1,116 @@
+//! Command-line interface. Every serve flag can also come from a `MANTISSA_*` environment
+//! variable, which is how containers configure it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::registry::ServingDefaults;
+use crate::server::ServerConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mantissa",
+    version,
+    about = "Mantissa: a gRPC inference server for ONNX models (KServe v2 / Triton protocol)",
+    long_about = "Mantissa serves the ONNX models of a model repository over the KServe v2 / Open Inference \
+Protocol gRPC service, wire-compatible with Triton's clients. Each model directory holds model.onnx and an \
+optional policy.yaml naming its variants and serving settings."
+)]
+pub struct Cli {
+    /// Log line format.
+    #[arg(long, value_enum, env = "MANTISSA_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: LogFormat,
+    /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `mantissa=debug`.
+    #[arg(long, env = "MANTISSA_LOG", default_value = "info,ort=warn", global = true)]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve every model of a model repository over gRPC.
+    Serve(ServeArgs),
+    /// Measure a KServe v2 gRPC server's latency and throughput, optionally beside the same model
+    /// run in-process on ONNX Runtime.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Model repository: one directory per model holding model.onnx and policy.yaml.
+    #[arg(long, env = "MANTISSA_MODEL_STORE")]
+    pub model_store: PathBuf,
+    /// Address of the gRPC endpoint (inference, health, reflection).
+    #[arg(long, env = "MANTISSA_GRPC_ADDR", default_value = "0.0.0.0:8001")]
+    pub grpc_addr: SocketAddr,
+    /// Address of the Prometheus endpoint (`GET /metrics`).
+    #[arg(long, env = "MANTISSA_METRICS_ADDR", default_value = "0.0.0.0:8002")]
+    pub metrics_addr: SocketAddr,
+    /// Path of libonnxruntime.so.1.31.1. Default: next to the executable or .onnxruntime/lib.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_library: Option<PathBuf>,
+    /// Largest gRPC request or response message, in bytes.
+    #[arg(long, env = "MANTISSA_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// max_batch_size for models whose policy leaves it unset and whose first dimension is dynamic.
+    #[arg(long, env = "MANTISSA_DEFAULT_MAX_BATCH_SIZE", default_value_t = 64)]
+    pub default_max_batch_size: u32,
+    /// Requests each variant may hold waiting for a worker; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MANTISSA_QUEUE_CAPACITY", default_value_t = 1024)]
+    pub queue_capacity: usize,
+}
+
+impl ServeArgs {
+    pub fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            model_store: self.model_store.clone(),
+            ort_library: self.ort_library.clone(),
+            max_message_bytes: self.max_message_bytes,
+            serving: ServingDefaults { max_batch_size: self.default_max_batch_size, queue_capacity: self.queue_capacity.max(1) },
+        }
+    }
+}
+
+/// Parses durations like `500ms`, `10s`, `2m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("expected a duration like 500ms, 10s or 2m, got '{text}'"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" | "" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("unknown duration unit '{unit}' in '{text}' (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,21 @@
+//! Mantissa: serves ONNX models over the KServe v2 / Triton gRPC protocol.
+//!
+//! Data flows one way: a request is validated into a typed request (`validation`), handed to a
+//! variant's bounded queue and executed by a worker thread that owns an ONNX Runtime session
+//! (`worker`, `executor`), and answered by the gRPC handler (`service`). `server` wires the
+//! lifecycle; `bench` is the load generator.
+
+pub mod bench;
+pub mod cli;
+pub mod contents;
+pub mod datatype;
+pub mod error;
+pub mod executor;
+pub mod metrics;
+pub mod ort_runtime;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod signature;
+pub mod validation;
+pub mod worker;

@@ -1,0 +1,190 @@
+//! The models this server serves and the state of each variant: loading, ready (with its
+//! workers), failed (with the reason), or stopped.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use mantissa_model_store::{ModelEntry, VariantSpec};
+use ort::environment::Environment;
+
+use crate::error::ServeError;
+use crate::executor::SessionConfig;
+use crate::worker::{WorkerPool, WorkerPoolConfig};
+
+/// Serving limits that come from the server's configuration rather than a model's policy.
+#[derive(Debug, Clone, Copy)]
+pub struct ServingDefaults {
+    /// max_batch_size for a batching model whose policy does not set one.
+    pub max_batch_size: u32,
+    /// Requests a variant may hold waiting for a worker.
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug)]
+pub enum VariantState {
+    Loading,
+    Ready(Arc<WorkerPool>),
+    Failed(String),
+    Stopped,
+}
+
+#[derive(Debug)]
+pub struct Variant {
+    pub spec: VariantSpec,
+    state: RwLock<VariantState>,
+}
+
+impl Variant {
+    /// The running workers, or why there are none.
+    pub fn pool(&self) -> Result<Arc<WorkerPool>, String> {
+        match &*self.state.read().unwrap_or_else(|poison| poison.into_inner()) {
+            VariantState::Ready(pool) => Ok(Arc::clone(pool)),
+            VariantState::Loading => Err("still loading".to_owned()),
+            VariantState::Failed(reason) => Err(format!("failed to load: {reason}")),
+            VariantState::Stopped => Err("stopped".to_owned()),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.pool().is_ok()
+    }
+
+    /// A short state name as used by RepositoryIndex.
+    pub fn state_name(&self) -> (&'static str, String) {
+        match &*self.state.read().unwrap_or_else(|poison| poison.into_inner()) {
+            VariantState::Loading => ("LOADING", String::new()),
+            VariantState::Ready(_) => ("READY", String::new()),
+            VariantState::Failed(reason) => ("UNAVAILABLE", reason.clone()),
+            VariantState::Stopped => ("UNAVAILABLE", "stopped".to_owned()),
+        }
+    }
+
+    fn set(&self, state: VariantState) -> VariantState {
+        std::mem::replace(&mut *self.state.write().unwrap_or_else(|poison| poison.into_inner()), state)
+    }
+}
+
+#[derive(Debug)]
+pub struct ServedModel {
+    pub entry: ModelEntry,
+    pub variants: Vec<Variant>,
+}
+
+impl ServedModel {
+    pub fn name(&self) -> &str {
+        &self.entry.name
+    }
+
+    pub fn version_names(&self) -> Vec<String> {
+        self.variants.iter().map(|variant| variant.spec.name.clone()).collect()
+    }
+
+    /// The variant a request addresses: an explicit `model_version`, or the policy's default.
+    pub fn variant(&self, version: &str) -> Result<&Variant, ServeError> {
+        let wanted = if version.is_empty() { self.entry.policy.default_variant.as_str() } else { version };
+        self.variants.iter().find(|variant| variant.spec.name == wanted).ok_or_else(|| ServeError::VersionNotFound {
+            model: self.entry.name.clone(),
+            version: version.to_owned(),
+            available: self.version_names(),
+        })
+    }
+
+    /// A model is ready when its default variant is.
+    pub fn is_ready(&self) -> bool {
+        self.variant("").is_ok_and(Variant::is_ready)
+    }
+}
+
+/// Every model, shared by the gRPC handlers through an `Arc`.
+#[derive(Debug)]
+pub struct Registry {
+    models: BTreeMap<String, ServedModel>,
+    loading_done: AtomicBool,
+}
+
+impl Registry {
+    pub fn new(entries: Vec<ModelEntry>) -> Self {
+        let models = entries
+            .into_iter()
+            .map(|entry| {
+                let variants = entry
+                    .policy
+                    .variants
+                    .iter()
+                    .map(|spec| Variant { spec: spec.clone(), state: RwLock::new(VariantState::Loading) })
+                    .collect();
+                (entry.name.clone(), ServedModel { entry, variants })
+            })
+            .collect();
+        Self { models, loading_done: AtomicBool::new(false) }
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &ServedModel> {
+        self.models.values()
+    }
+
+    pub fn model(&self, name: &str) -> Result<&ServedModel, ServeError> {
+        self.models.get(name).ok_or_else(|| ServeError::ModelNotFound {
+            model: name.to_owned(),
+            available: self.models.keys().cloned().collect(),
+        })
+    }
+
+    /// True once loading finished and every model's default variant is ready.
+    pub fn is_ready(&self) -> bool {
+        self.loading_done.load(Ordering::Acquire) && self.models.values().all(ServedModel::is_ready)
+    }
+
+    /// Builds every variant's workers (blocking: run it off the async runtime). Failures are
+    /// recorded on the variant and logged; the other variants still load.
+    pub fn load_all(&self, environment: &Arc<Environment>, defaults: ServingDefaults) {
+        for model in self.models.values() {
+            for variant in &model.variants {
+                let label = format!("{}:{}", model.name(), variant.spec.name);
+                let started = std::time::Instant::now();
+                let config = WorkerPoolConfig {
+                    label: label.clone(),
+                    model_path: model.entry.model_path.clone(),
+                    instances: variant.spec.serving.instances,
+                    session: SessionConfig { intra_op_threads: variant.spec.serving.intra_op_threads },
+                    max_batch_size: variant.spec.serving.max_batch_size,
+                    default_max_batch_size: defaults.max_batch_size,
+                    queue_capacity: defaults.queue_capacity,
+                };
+                match WorkerPool::start(Arc::clone(environment), config) {
+                    Ok(pool) => {
+                        tracing::info!(
+                            model = model.name(),
+                            variant = %variant.spec.name,
+                            instances = variant.spec.serving.instances,
+                            max_batch_size = pool.signature().max_batch_size,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "variant ready"
+                        );
+                        variant.set(VariantState::Ready(Arc::new(pool)));
+                    }
+                    Err(reason) => {
+                        tracing::error!(model = model.name(), variant = %variant.spec.name, %reason, "variant failed to load");
+                        variant.set(VariantState::Failed(reason));
+                    }
+                }
+            }
+        }
+        self.loading_done.store(true, Ordering::Release);
+    }
+
+    /// Stops every variant: queued work finishes, then the workers are joined (blocking).
+    pub fn shutdown(&self) {
+        for model in self.models.values() {
+            for variant in &model.variants {
+                if let VariantState::Ready(pool) = variant.set(VariantState::Stopped) {
+                    match Arc::into_inner(pool) {
+                        Some(pool) => pool.shutdown(),
+                        None => tracing::warn!(model = model.name(), variant = %variant.spec.name, "workers still referenced at shutdown"),
+                    }
+                }
+            }
+        }
+    }
+}

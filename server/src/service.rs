@@ -1,0 +1,279 @@
+//! The `inference.GRPCInferenceService` handlers. They only translate between protocol messages
+//! and the registry's domain types; all checks live in `validation` and all work in `worker`.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use mantissa_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use mantissa_proto::inference::model_infer_response::InferOutputTensor;
+use mantissa_proto::inference::model_metadata_response::TensorMetadata;
+use mantissa_proto::inference::repository_index_response::ModelIndex;
+use mantissa_proto::inference::*;
+use tonic::{Request, Response, Status};
+
+use crate::error::ServeError;
+use crate::metrics;
+use crate::registry::{Registry, ServedModel, Variant};
+use crate::signature::{ModelSignature, TensorSpec};
+use crate::validation::validate_request;
+use crate::worker::SubmitError;
+
+/// Protocol extensions this server implements, as listed by ServerMetadata.
+pub const EXTENSIONS: &[&str] = &["model_configuration"];
+
+/// The gRPC service: a cheap handle over the shared registry.
+#[derive(Debug, Clone)]
+pub struct InferenceService {
+    registry: Arc<Registry>,
+    max_message_bytes: usize,
+}
+
+impl InferenceService {
+    pub fn new(registry: Arc<Registry>, max_message_bytes: usize) -> Self {
+        Self { registry, max_message_bytes }
+    }
+
+    fn ready_variant(&self, model: &str, version: &str) -> Result<(&ServedModel, &Variant, Arc<crate::worker::WorkerPool>), ServeError> {
+        let served = self.registry.model(model)?;
+        let variant = served.variant(version)?;
+        let pool = variant.pool().map_err(|reason| ServeError::NotReady {
+            model: model.to_owned(),
+            version: variant.spec.name.clone(),
+            reason,
+        })?;
+        Ok((served, variant, pool))
+    }
+
+    async fn infer(&self, request: &mut ModelInferRequest) -> Result<(String, ModelInferResponse), ServeError> {
+        let (served, variant, pool) = self.ready_variant(&request.model_name, &request.model_version)?;
+        let valid = validate_request(request, pool.signature(), self.max_message_bytes)?;
+        let receiver = pool.submit(valid).map_err(|err| match err {
+            SubmitError::Full { capacity } => ServeError::QueueFull {
+                model: served.name().to_owned(),
+                version: variant.spec.name.clone(),
+                capacity,
+            },
+            SubmitError::Closed => ServeError::ShuttingDown,
+        })?;
+        let outputs = receiver.await.map_err(|_| ServeError::ShuttingDown)??;
+        let mut response = ModelInferResponse {
+            model_name: served.name().to_owned(),
+            model_version: variant.spec.name.clone(),
+            id: request.id.clone(),
+            ..Default::default()
+        };
+        for output in outputs {
+            response.outputs.push(InferOutputTensor {
+                name: output.name,
+                datatype: output.datatype.as_str().to_owned(),
+                shape: output.shape,
+                ..Default::default()
+            });
+            response.raw_output_contents.push(output.raw);
+        }
+        Ok((variant.spec.name.clone(), response))
+    }
+}
+
+fn tensor_metadata(specs: &[TensorSpec]) -> Vec<TensorMetadata> {
+    specs
+        .iter()
+        .map(|spec| TensorMetadata { name: spec.name.clone(), datatype: spec.datatype.as_str().to_owned(), shape: spec.dims.clone() })
+        .collect()
+}
+
+/// Dimensions as Triton's ModelConfig lists them: without the batch dimension when batching.
+fn config_dims(spec: &TensorSpec, signature: &ModelSignature) -> Vec<i64> {
+    if signature.batches() { spec.dims[1..].to_vec() } else { spec.dims.clone() }
+}
+
+fn model_parameter(value: impl ToString) -> ModelParameter {
+    ModelParameter { string_value: value.to_string() }
+}
+
+type StreamInferStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send + 'static>>;
+
+fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!("{what} is not supported by this server"))
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse { ready: self.registry.is_ready() }))
+    }
+
+    async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+        let request = request.into_inner();
+        let served = self.registry.model(&request.name)?;
+        let ready = served.variant(&request.version)?.is_ready();
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(&self, _: Request<ServerMetadataRequest>) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "mantissa".to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            extensions: EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
+        }))
+    }
+
+    async fn model_metadata(&self, request: Request<ModelMetadataRequest>) -> Result<Response<ModelMetadataResponse>, Status> {
+        let request = request.into_inner();
+        let (served, _, pool) = self.ready_variant(&request.name, &request.version)?;
+        let signature = pool.signature();
+        Ok(Response::new(ModelMetadataResponse {
+            name: served.name().to_owned(),
+            versions: served.version_names(),
+            platform: "onnxruntime_onnx".to_owned(),
+            inputs: tensor_metadata(&signature.inputs),
+            outputs: tensor_metadata(&signature.outputs),
+        }))
+    }
+
+    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+        let started = Instant::now();
+        let mut request = request.into_inner();
+        let result = self.infer(&mut request).await;
+        let (variant, outcome) = match &result {
+            Ok((variant, _)) => (variant.clone(), "ok"),
+            Err(err) => (request.model_version.clone(), err.error_type()),
+        };
+        metrics::record_request(&request.model_name, &variant, outcome, started.elapsed());
+        match result {
+            Ok((_, response)) => Ok(Response::new(response)),
+            Err(err) => {
+                tracing::debug!(model = %request.model_name, id = %request.id, error = %err, "request failed");
+                Err(err.into())
+            }
+        }
+    }
+
+    type ModelStreamInferStream = StreamInferStream;
+
+    async fn model_stream_infer(
+        &self,
+        _: Request<tonic::Streaming<ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        Err(unimplemented("ModelStreamInfer"))
+    }
+
+    async fn model_config(&self, request: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+        let request = request.into_inner();
+        let (served, variant, pool) = self.ready_variant(&request.name, &request.version)?;
+        let signature = pool.signature();
+        let serving = &variant.spec.serving;
+        let mut parameters = HashMap::new();
+        parameters.insert("variant".to_owned(), model_parameter(&variant.spec.name));
+        parameters.insert("precision".to_owned(), model_parameter(variant.spec.precision.as_str()));
+        parameters.insert("default_variant".to_owned(), model_parameter(&served.entry.policy.default_variant));
+        parameters.insert("intra_op_threads".to_owned(), model_parameter(serving.intra_op_threads));
+        let config = ModelConfig {
+            name: served.name().to_owned(),
+            platform: "onnxruntime_onnx".to_owned(),
+            backend: "onnxruntime".to_owned(),
+            max_batch_size: signature.max_batch_size as i32,
+            input: signature
+                .inputs
+                .iter()
+                .map(|spec| ModelInput {
+                    name: spec.name.clone(),
+                    data_type: spec.datatype.triton_enum(),
+                    dims: config_dims(spec, signature),
+                    ..Default::default()
+                })
+                .collect(),
+            output: signature
+                .outputs
+                .iter()
+                .map(|spec| ModelOutput {
+                    name: spec.name.clone(),
+                    data_type: spec.datatype.triton_enum(),
+                    dims: config_dims(spec, signature),
+                    ..Default::default()
+                })
+                .collect(),
+            instance_group: vec![ModelInstanceGroup {
+                name: format!("{}_{}", served.name(), variant.spec.name),
+                kind: model_instance_group::Kind::Cpu as i32,
+                count: serving.instances as i32,
+                ..Default::default()
+            }],
+            default_model_filename: "model.onnx".to_owned(),
+            parameters,
+            ..Default::default()
+        };
+        Ok(Response::new(ModelConfigResponse { config: Some(config) }))
+    }
+
+    async fn model_statistics(&self, _: Request<ModelStatisticsRequest>) -> Result<Response<ModelStatisticsResponse>, Status> {
+        Err(unimplemented("ModelStatistics"))
+    }
+
+    async fn repository_index(&self, request: Request<RepositoryIndexRequest>) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let request = request.into_inner();
+        let mut models = Vec::new();
+        for served in self.registry.models() {
+            for variant in &served.variants {
+                let (state, reason) = variant.state_name();
+                if request.ready && state != "READY" {
+                    continue;
+                }
+                models.push(ModelIndex {
+                    name: served.name().to_owned(),
+                    version: variant.spec.name.clone(),
+                    state: state.to_owned(),
+                    reason,
+                });
+            }
+        }
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(&self, _: Request<RepositoryModelLoadRequest>) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        Err(unimplemented("RepositoryModelLoad (models are loaded from the repository at startup)"))
+    }
+
+    async fn repository_model_unload(&self, _: Request<RepositoryModelUnloadRequest>) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        Err(unimplemented("RepositoryModelUnload (models are loaded from the repository at startup)"))
+    }
+
+    async fn system_shared_memory_status(&self, _: Request<SystemSharedMemoryStatusRequest>) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+        Err(unimplemented("system shared memory"))
+    }
+
+    async fn system_shared_memory_register(&self, _: Request<SystemSharedMemoryRegisterRequest>) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+        Err(unimplemented("system shared memory"))
+    }
+
+    async fn system_shared_memory_unregister(&self, _: Request<SystemSharedMemoryUnregisterRequest>) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+        Err(unimplemented("system shared memory"))
+    }
+
+    async fn cuda_shared_memory_status(&self, _: Request<CudaSharedMemoryStatusRequest>) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
+        Err(unimplemented("CUDA shared memory"))
+    }
+
+    async fn cuda_shared_memory_register(&self, _: Request<CudaSharedMemoryRegisterRequest>) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
+        Err(unimplemented("CUDA shared memory"))
+    }
+
+    async fn cuda_shared_memory_unregister(&self, _: Request<CudaSharedMemoryUnregisterRequest>) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
+        Err(unimplemented("CUDA shared memory"))
+    }
+
+    async fn trace_setting(&self, _: Request<TraceSettingRequest>) -> Result<Response<TraceSettingResponse>, Status> {
+        Err(unimplemented("TraceSetting"))
+    }
+
+    async fn log_settings(&self, _: Request<LogSettingsRequest>) -> Result<Response<LogSettingsResponse>, Status> {
+        Err(unimplemented("LogSettings"))
+    }
+}

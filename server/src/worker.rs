@@ -1,0 +1,174 @@
+//! Worker threads for one variant: each owns an ONNX Runtime session and takes jobs from a
+//! bounded queue shared by all workers of the variant. Tokio tasks only enqueue and await a
+//! oneshot reply, so inference never blocks the async runtime.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use ort::environment::Environment;
+use tokio::sync::oneshot;
+
+use crate::error::ServeError;
+use crate::executor::{OutputTensor, SessionConfig, execute, open_session, signature_of, warmup_request};
+use crate::signature::ModelSignature;
+use crate::validation::ValidRequest;
+
+/// The outcome of one job.
+pub type JobResult = Result<Vec<OutputTensor>, ServeError>;
+
+struct Job {
+    request: ValidRequest,
+    reply: oneshot::Sender<JobResult>,
+}
+
+/// What a variant's workers need to start.
+#[derive(Debug, Clone)]
+pub struct WorkerPoolConfig {
+    pub label: String,
+    pub model_path: PathBuf,
+    pub instances: u32,
+    pub session: SessionConfig,
+    pub max_batch_size: Option<u32>,
+    pub default_max_batch_size: u32,
+    pub queue_capacity: usize,
+}
+
+/// A running set of workers for one variant.
+pub struct WorkerPool {
+    label: String,
+    signature: ModelSignature,
+    queue: Sender<Job>,
+    queue_capacity: usize,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPool").field("label", &self.label).field("workers", &self.workers.len()).finish()
+    }
+}
+
+impl WorkerPool {
+    /// Starts the workers, each opening and warming its own session. Returns once every worker
+    /// is ready, or with the first worker's error (the others are stopped).
+    pub fn start(environment: Arc<Environment>, config: WorkerPoolConfig) -> Result<Self, String> {
+        let (queue, jobs) = crossbeam_channel::bounded::<Job>(config.queue_capacity);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelSignature, String>>();
+        let mut workers = Vec::with_capacity(config.instances as usize);
+        for index in 0..config.instances {
+            let environment = Arc::clone(&environment);
+            let config = config.clone();
+            let jobs = jobs.clone();
+            let ready_tx = ready_tx.clone();
+            let name = format!("ort-{}-{index}", config.label);
+            let handle = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || worker_main(&environment, &config, index, &jobs, &ready_tx))
+                .map_err(|err| format!("cannot spawn worker thread: {err}"))?;
+            workers.push(handle);
+        }
+        drop(ready_tx);
+        drop(jobs);
+
+        let mut signature = None;
+        let mut failure = None;
+        for _ in 0..config.instances {
+            match ready_rx.recv() {
+                Ok(Ok(found)) => signature = Some(found),
+                Ok(Err(err)) => failure = failure.or(Some(err)),
+                Err(_) => failure = failure.or(Some("a worker exited before reporting".to_owned())),
+            }
+        }
+        let pool_signature = signature.clone();
+        let pool = WorkerPool {
+            label: config.label,
+            signature: pool_signature.unwrap_or(ModelSignature { inputs: vec![], outputs: vec![], max_batch_size: 0 }),
+            queue,
+            queue_capacity: config.queue_capacity,
+            workers,
+        };
+        match (failure, signature) {
+            (None, Some(_)) => Ok(pool),
+            (failure, _) => {
+                pool.shutdown();
+                Err(failure.unwrap_or_else(|| "no worker started".to_owned()))
+            }
+        }
+    }
+
+    pub fn signature(&self) -> &ModelSignature {
+        &self.signature
+    }
+
+    /// Jobs waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Enqueues a request without waiting; a full queue is reported at once.
+    pub fn submit(&self, request: ValidRequest) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
+        let (reply, receiver) = oneshot::channel();
+        match self.queue.try_send(Job { request, reply }) {
+            Ok(()) => Ok(receiver),
+            Err(TrySendError::Full(_)) => Err(SubmitError::Full { capacity: self.queue_capacity }),
+            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Closed),
+        }
+    }
+
+    /// Closes the queue, lets the workers finish every job already queued, and joins them.
+    pub fn shutdown(self) {
+        drop(self.queue);
+        for worker in self.workers {
+            if worker.join().is_err() {
+                tracing::error!(variant = %self.label, "a worker thread panicked");
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum SubmitError {
+    Full { capacity: usize },
+    Closed,
+}
+
+fn worker_main(
+    environment: &Environment,
+    config: &WorkerPoolConfig,
+    index: u32,
+    jobs: &Receiver<Job>,
+    ready: &std::sync::mpsc::Sender<Result<ModelSignature, String>>,
+) {
+    let started = Instant::now();
+    let prepared = open_session(environment, &config.model_path, config.session).and_then(|mut session| {
+        let signature = signature_of(&session, config.max_batch_size, config.default_max_batch_size)?;
+        execute(&mut session, &signature, &warmup_request(&signature)).map_err(|err| format!("warm-up failed: {err}"))?;
+        Ok((session, signature))
+    });
+    let (mut session, signature) = match prepared {
+        Ok(prepared) => prepared,
+        Err(err) => {
+            let _ = ready.send(Err(err));
+            return;
+        }
+    };
+    tracing::debug!(variant = %config.label, worker = index, elapsed_ms = started.elapsed().as_millis() as u64, "worker warmed up");
+    if ready.send(Ok(signature.clone())).is_err() {
+        return;
+    }
+    while let Ok(job) = jobs.recv() {
+        if job.reply.is_closed() {
+            // The caller went away (cancelled or timed out) while queued: skip the work.
+            tracing::debug!(variant = %config.label, id = %job.request.id, "dropping request whose client is gone");
+            continue;
+        }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            execute(&mut session, &signature, &job.request)
+        }))
+        .unwrap_or_else(|_| Err(ServeError::Execution("the executor panicked; see server logs".to_owned())));
+        let _ = job.reply.send(result);
+    }
+}
