@@ -1,0 +1,113 @@
+//! Startup and shutdown of the real binary: configuration errors, a missing ONNX Runtime,
+//! environment-variable configuration, and SIGTERM while requests are in flight.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, example_store, f32_bytes, fixture_store, mantissa_command, run_to_exit};
+use mantissa_proto::inference::ModelInferRequest;
+use mantissa_proto::inference::model_infer_request::InferInputTensor;
+
+#[test]
+fn missing_onnx_runtime_library_is_a_clear_startup_error() {
+    let mut command = mantissa_command();
+    command
+        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--model-store"])
+        .arg(example_store())
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so.1.31.1");
+    let (status, stderr) = run_to_exit(command, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("ONNX Runtime library /nonexistent/libonnxruntime.so.1.31.1 does not exist"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_file_that_is_not_onnx_runtime_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("libonnxruntime.so.1.31.1");
+    std::fs::write(&fake, b"not a shared library").unwrap();
+    let mut command = mantissa_command();
+    command
+        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--model-store"])
+        .arg(example_store())
+        .env("ORT_DYLIB_PATH", &fake);
+    let (status, stderr) = run_to_exit(command, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot load ONNX Runtime from"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn policy_errors_name_file_line_and_key() {
+    let store = tempfile::tempdir().unwrap();
+    let model = store.path().join("digits");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::copy(example_store().join("digits_cnn/model.onnx"), model.join("model.onnx")).unwrap();
+    std::fs::write(model.join("policy.yaml"), "serving:\n  instances: 1\nvariants:\n  fp32:\n    precision: fp32\n    max_batch: 4\n").unwrap();
+    let mut command = mantissa_command();
+    command.args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--model-store"]).arg(store.path());
+    let (status, stderr) = run_to_exit(command, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let expected = format!("{}:6: key `variants.fp32", model.join("policy.yaml").display());
+    assert!(stderr.contains(&expected), "expected {expected:?} in {stderr}");
+    assert!(stderr.contains("unknown field `max_batch`"), "{stderr}");
+}
+
+#[test]
+fn help_lists_every_serve_option_and_its_environment_variable() {
+    let output = mantissa_command().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8(output.stdout).unwrap();
+    for expected in [
+        "--model-store", "MANTISSA_MODEL_STORE", "--grpc-addr", "MANTISSA_GRPC_ADDR", "0.0.0.0:8001", "--metrics-addr",
+        "MANTISSA_METRICS_ADDR", "0.0.0.0:8002", "--log-format", "MANTISSA_LOG_FORMAT", "ORT_DYLIB_PATH", "MANTISSA_MAX_MESSAGE_BYTES",
+    ] {
+        assert!(help.contains(expected), "`mantissa serve --help` lacks {expected}:\n{help}");
+    }
+}
+
+fn slow_request(rows: usize, id: usize) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: "slow_matmul".into(),
+        id: id.to_string(),
+        inputs: vec![InferInputTensor { name: "x".into(), datatype: "FP32".into(), shape: vec![rows as i64, 256], ..Default::default() }],
+        raw_input_contents: vec![f32_bytes(&vec![0.01 * id as f32; rows * 256])],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_load_finishes_every_accepted_request_and_exits_zero() {
+    // Configured through the environment, as a container would.
+    let mut server = TestServer::start_with(&fixture_store(), &[], &[("MANTISSA_QUEUE_CAPACITY", "256")]);
+    let client = server.wait_ready().await;
+
+    let in_flight = 24;
+    let mut tasks = Vec::new();
+    for id in 0..in_flight {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = client.model_infer(slow_request(128, id)).await;
+            (result, std::time::Instant::now())
+        }));
+    }
+    // Let every request reach the server (they queue behind one slow worker), then stop it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let terminated_at = std::time::Instant::now();
+    server.terminate();
+
+    let mut finished_after_sigterm = 0;
+    for (id, task) in tasks.into_iter().enumerate() {
+        let (result, finished_at) = task.await.unwrap();
+        let response = result.unwrap_or_else(|status| panic!("request {id} lost during shutdown: {status:?}\n{}", server.logs()));
+        let response = response.into_inner();
+        assert_eq!(response.id, id.to_string());
+        assert_eq!(response.raw_output_contents[0].len(), 128 * 256 * 4);
+        finished_after_sigterm += usize::from(finished_at > terminated_at);
+    }
+    // The test only means something if work was still queued when the signal arrived.
+    assert!(finished_after_sigterm >= in_flight / 2, "only {finished_after_sigterm} requests were still in flight at SIGTERM");
+    let status = server.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "{}", server.logs());
+    assert!(server.logs().contains("shutdown complete"), "{}", server.logs());
+}
