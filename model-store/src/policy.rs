@@ -6,6 +6,7 @@
 //!   max_batch_size: 32
 //!   instances: 1
 //!   intra_op_threads: 1
+//!   intra_op_spinning: false
 //! variants:
 //!   fp32:
 //!     precision: fp32
@@ -19,6 +20,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use mantissa_quantize::fp16::Fp16Options;
 use serde::Deserialize;
 
 use crate::yaml_location::line_of_key;
@@ -52,12 +54,14 @@ impl fmt::Display for PolicyError {
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     Fp32,
+    Fp16,
 }
 
 impl Precision {
     pub fn as_str(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
         }
     }
 }
@@ -72,11 +76,19 @@ pub struct ServingSettings {
     pub instances: u32,
     /// ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime decide.
     pub intra_op_threads: u32,
+    /// Whether idle intra-op threads spin waiting for work. Spinning lowers latency on a
+    /// dedicated core but burns CPU that other sessions and the gRPC threads need.
+    pub intra_op_spinning: bool,
 }
 
 impl Default for ServingSettings {
     fn default() -> Self {
-        Self { max_batch_size: None, instances: 1, intra_op_threads: 1 }
+        Self {
+            max_batch_size: None,
+            instances: 1,
+            intra_op_threads: 1,
+            intra_op_spinning: false,
+        }
     }
 }
 
@@ -85,6 +97,8 @@ impl Default for ServingSettings {
 pub struct VariantSpec {
     pub name: String,
     pub precision: Precision,
+    /// Options of the FP16 pass (defaults when the policy gives none); only for fp16 variants.
+    pub fp16: Option<Fp16Options>,
     pub serving: ServingSettings,
 }
 
@@ -106,6 +120,7 @@ impl Policy {
             variants: vec![VariantSpec {
                 name: "fp32".to_owned(),
                 precision: Precision::Fp32,
+                fp16: None,
                 serving: ServingSettings::default(),
             }],
             default_variant: "fp32".to_owned(),
@@ -149,6 +164,7 @@ struct RawServing {
     max_batch_size: Option<u32>,
     instances: Option<u32>,
     intra_op_threads: Option<u32>,
+    intra_op_spinning: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +173,7 @@ struct RawVariant {
     precision: Precision,
     #[serde(default)]
     serving: RawServing,
+    fp16: Option<Fp16Options>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,7 +195,12 @@ fn parse_raw(text: &str, path: &Path) -> Result<RawPolicy, PolicyError> {
             Some(cut) => message[..cut].to_owned(),
             None => message,
         };
-        PolicyError { file: path.to_owned(), line, key, message }
+        PolicyError {
+            file: path.to_owned(),
+            line,
+            key,
+            message,
+        }
     })
 }
 
@@ -191,7 +213,10 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
     };
 
     if raw.variants.is_empty() {
-        return Err(error(&["variants"], "at least one variant is required".to_owned()));
+        return Err(error(
+            &["variants"],
+            "at least one variant is required".to_owned(),
+        ));
     }
     let defaults = merge_serving(&ServingSettings::default(), &raw.serving);
     check_serving(&defaults, &["serving"], &error)?;
@@ -201,12 +226,40 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
         if !is_valid_name(name) {
             return Err(error(
                 &["variants", name],
-                format!("variant name `{name}` must be non-empty and use only letters, digits, '_', '-' or '.'"),
+                format!(
+                    "variant name `{name}` must be non-empty and use only letters, digits, '_', '-' or '.'"
+                ),
             ));
         }
         let serving = merge_serving(&defaults, &variant.serving);
         check_serving(&serving, &["variants", name, "serving"], &error)?;
-        variants.push(VariantSpec { name: name.clone(), precision: variant.precision, serving });
+        let fp16 = match (variant.precision, &variant.fp16) {
+            (Precision::Fp16, options) => Some(options.clone().unwrap_or_default()),
+            (other, Some(_)) => {
+                return Err(error(
+                    &["variants", name, "fp16"],
+                    format!(
+                        "an `fp16` section needs `precision: fp16`, but this variant has precision {}",
+                        other.as_str()
+                    ),
+                ));
+            }
+            (_, None) => None,
+        };
+        if let Some(options) = &fp16
+            && let Err(err) = mantissa_quantize::fp16::validate_options(options)
+        {
+            return Err(error(
+                &["variants", name, "fp16", "node_block_list"],
+                err.to_string(),
+            ));
+        }
+        variants.push(VariantSpec {
+            name: name.clone(),
+            precision: variant.precision,
+            fp16,
+            serving,
+        });
     }
 
     let default_variant = match &raw.routing.default {
@@ -227,7 +280,11 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
         }
     };
 
-    Ok(Policy { source: Some(path.to_owned()), variants, default_variant })
+    Ok(Policy {
+        source: Some(path.to_owned()),
+        variants,
+        default_variant,
+    })
 }
 
 fn merge_serving(base: &ServingSettings, raw: &RawServing) -> ServingSettings {
@@ -235,6 +292,7 @@ fn merge_serving(base: &ServingSettings, raw: &RawServing) -> ServingSettings {
         max_batch_size: raw.max_batch_size.or(base.max_batch_size),
         instances: raw.instances.unwrap_or(base.instances),
         intra_op_threads: raw.intra_op_threads.unwrap_or(base.intra_op_threads),
+        intra_op_spinning: raw.intra_op_spinning.unwrap_or(base.intra_op_spinning),
     }
 }
 
@@ -245,21 +303,33 @@ fn check_serving(
 ) -> Result<(), PolicyError> {
     let key = |leaf: &'static str| -> Vec<&str> { at.iter().copied().chain([leaf]).collect() };
     if serving.instances == 0 || serving.instances > 256 {
-        return Err(error(&key("instances"), format!("expected 1..=256, got {}", serving.instances)));
+        return Err(error(
+            &key("instances"),
+            format!("expected 1..=256, got {}", serving.instances),
+        ));
     }
     if serving.intra_op_threads > 1024 {
-        return Err(error(&key("intra_op_threads"), format!("expected 0..=1024, got {}", serving.intra_op_threads)));
+        return Err(error(
+            &key("intra_op_threads"),
+            format!("expected 0..=1024, got {}", serving.intra_op_threads),
+        ));
     }
     if let Some(size) = serving.max_batch_size
         && size > 65_536
     {
-        return Err(error(&key("max_batch_size"), format!("expected 0..=65536, got {size}")));
+        return Err(error(
+            &key("max_batch_size"),
+            format!("expected 0..=65536, got {size}"),
+        ));
     }
     Ok(())
 }
 
 fn is_valid_name(name: &str) -> bool {
-    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 #[cfg(test)]
@@ -279,7 +349,12 @@ mod tests {
         assert_eq!(policy.default_variant, "fp32");
         assert_eq!(
             policy.variants[0].serving,
-            ServingSettings { max_batch_size: Some(16), instances: 2, intra_op_threads: 4 }
+            ServingSettings {
+                max_batch_size: Some(16),
+                instances: 2,
+                intra_op_threads: 4,
+                intra_op_spinning: false
+            }
         );
     }
 
@@ -289,7 +364,11 @@ mod tests {
         assert_eq!(err.line, Some(4), "{err}");
         assert!(err.key.starts_with("variants.fp32"), "{err}");
         assert!(err.message.contains("unknown field `instancez`"), "{err}");
-        assert!(err.to_string().starts_with("store/m/policy.yaml:4: key `variants.fp32"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("store/m/policy.yaml:4: key `variants.fp32"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -302,27 +381,74 @@ mod tests {
 
     #[test]
     fn routing_to_unknown_variant_is_rejected() {
-        let err = parse("variants:\n  fp32:\n    precision: fp32\nrouting:\n  default: int8\n").unwrap_err();
+        let err = parse("variants:\n  fp32:\n    precision: fp32\nrouting:\n  default: int8\n")
+            .unwrap_err();
         assert_eq!((err.line, err.key.as_str()), (Some(5), "routing.default"));
         assert!(err.message.contains("`int8`"), "{err}");
     }
 
     #[test]
     fn zero_instances_is_rejected_with_location() {
-        let err = parse("variants:\n  fp32:\n    precision: fp32\n    serving:\n      instances: 0\n").unwrap_err();
-        assert_eq!((err.line, err.key.as_str()), (Some(5), "variants.fp32.serving.instances"));
+        let err =
+            parse("variants:\n  fp32:\n    precision: fp32\n    serving:\n      instances: 0\n")
+                .unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_str()),
+            (Some(5), "variants.fp32.serving.instances")
+        );
         assert!(err.message.contains("got 0"), "{err}");
     }
 
     #[test]
+    fn fp16_variants_take_pass_options() {
+        let policy = parse(
+            "variants:\n  fp32:\n    precision: fp32\n  half:\n    precision: fp16\n    fp16:\n      keep_first_and_last_layers: false\n      node_block_list: ['head/.*']\nrouting:\n  default: fp32\n",
+        )
+        .unwrap();
+        let half = policy.variant("half").unwrap();
+        let options = half.fp16.as_ref().unwrap();
+        assert!(!options.keep_first_and_last_layers);
+        assert!(options.keep_io_types, "unset options keep their defaults");
+        assert_eq!(options.node_block_list, vec!["head/.*"]);
+        assert_eq!(policy.variant("fp32").unwrap().fp16, None);
+    }
+
+    #[test]
+    fn fp16_option_errors_name_the_key() {
+        let err =
+            parse("variants:\n  half:\n    precision: fp16\n    fp16:\n      keep_io: false\n")
+                .unwrap_err();
+        assert_eq!(err.line, Some(5), "{err}");
+        assert!(err.key.starts_with("variants.half.fp16"), "{err}");
+        assert!(err.message.contains("unknown field `keep_io`"), "{err}");
+        let err = parse("variants:\n  f:\n    precision: fp32\n    fp16: {}\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(4), "variants.f.fp16"));
+        let err = parse(
+            "variants:\n  h:\n    precision: fp16\n    fp16:\n      node_block_list: ['(']\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_str()),
+            (Some(5), "variants.h.fp16.node_block_list")
+        );
+        assert!(
+            err.message
+                .contains("'(' is not a valid regular expression"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn wrong_type_is_rejected() {
-        let err = parse("serving:\n  instances: many\nvariants:\n  fp32:\n    precision: fp32\n").unwrap_err();
+        let err = parse("serving:\n  instances: many\nvariants:\n  fp32:\n    precision: fp32\n")
+            .unwrap_err();
         assert_eq!((err.line, err.key.as_str()), (Some(2), "serving.instances"));
     }
 
     #[test]
     fn multiple_variants_need_a_default() {
-        let err = parse("variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp32\n").unwrap_err();
+        let err =
+            parse("variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp32\n").unwrap_err();
         assert_eq!(err.key, "routing");
     }
 }

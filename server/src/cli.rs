@@ -21,10 +21,21 @@ optional policy.yaml naming its variants and serving settings."
 )]
 pub struct Cli {
     /// Log line format.
-    #[arg(long, value_enum, env = "MANTISSA_LOG_FORMAT", default_value = "text", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        env = "MANTISSA_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
     /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `mantissa=debug`.
-    #[arg(long, env = "MANTISSA_LOG", default_value = "info,ort=warn", global = true)]
+    #[arg(
+        long,
+        env = "MANTISSA_LOG",
+        default_value = "info,ort=warn",
+        global = true
+    )]
     pub log: String,
     #[command(subcommand)]
     pub command: Command,
@@ -43,6 +54,8 @@ pub enum Command {
     /// Measure a KServe v2 gRPC server's latency and throughput, optionally beside the same model
     /// run in-process on ONNX Runtime.
     Bench(crate::bench::BenchArgs),
+    /// Convert an FP32 ONNX model with the same pass the server runs at startup, and print a summary.
+    Quantize(crate::quantize_cmd::QuantizeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -76,7 +89,10 @@ impl ServeArgs {
             model_store: self.model_store.clone(),
             ort_library: self.ort_library.clone(),
             max_message_bytes: self.max_message_bytes,
-            serving: ServingDefaults { max_batch_size: self.default_max_batch_size, queue_capacity: self.queue_capacity.max(1) },
+            serving: ServingDefaults {
+                max_batch_size: self.default_max_batch_size,
+                queue_capacity: self.queue_capacity.max(1),
+            },
         }
     }
 }
@@ -84,14 +100,22 @@ impl ServeArgs {
 /// Parses durations like `500ms`, `10s`, `2m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("expected a duration like 500ms, 10s or 2m, got '{text}'"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("expected a duration like 500ms, 10s or 2m, got '{text}'"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "s" | "" => value,
         "m" => value * 60.0,
-        _ => return Err(format!("unknown duration unit '{unit}' in '{text}' (use ms, s or m)")),
+        _ => {
+            return Err(format!(
+                "unknown duration unit '{unit}' in '{text}' (use ms, s or m)"
+            ));
+        }
     };
     Ok(Duration::from_secs_f64(seconds))
 }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod executor;
 pub mod metrics;
 pub mod ort_runtime;
+pub mod quantize_cmd;
 pub mod registry;
 pub mod server;
 pub mod service;

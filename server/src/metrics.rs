@@ -10,7 +10,8 @@ pub const REQUEST_DURATION_SECONDS: &str = "mantissa_request_duration_seconds";
 
 /// Latency buckets from 100 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
 
 /// Installs the process-wide recorder and returns the handle that renders the text format.
@@ -20,7 +21,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|err| err.to_string())?
         .install_recorder()
         .map_err(|err| err.to_string())?;
-    metrics::describe_counter!(REQUESTS_TOTAL, "Inference requests by model, variant and outcome");
+    metrics::describe_counter!(
+        REQUESTS_TOTAL,
+        "Inference requests by model, variant and outcome"
+    );
     metrics::describe_histogram!(
         REQUEST_DURATION_SECONDS,
         metrics::Unit::Seconds,
@@ -30,7 +34,11 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 pub fn record_request(model: &str, variant: &str, outcome: &'static str, elapsed: Duration) {
-    let labels = [("model", model.to_owned()), ("variant", variant.to_owned()), ("outcome", outcome.to_owned())];
+    let labels = [
+        ("model", model.to_owned()),
+        ("variant", variant.to_owned()),
+        ("outcome", outcome.to_owned()),
+    ];
     metrics::counter!(REQUESTS_TOTAL, &labels).increment(1);
     metrics::histogram!(REQUEST_DURATION_SECONDS, &labels).record(elapsed.as_secs_f64());
 }
@@ -47,11 +55,16 @@ pub async fn serve(
             let handle = handle.clone();
             async move {
                 (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
                     handle.render(),
                 )
             }
         }),
     );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

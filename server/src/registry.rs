@@ -38,7 +38,11 @@ pub struct Variant {
 impl Variant {
     /// The running workers, or why there are none.
     pub fn pool(&self) -> Result<Arc<WorkerPool>, String> {
-        match &*self.state.read().unwrap_or_else(|poison| poison.into_inner()) {
+        match &*self
+            .state
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+        {
             VariantState::Ready(pool) => Ok(Arc::clone(pool)),
             VariantState::Loading => Err("still loading".to_owned()),
             VariantState::Failed(reason) => Err(format!("failed to load: {reason}")),
@@ -52,7 +56,11 @@ impl Variant {
 
     /// A short state name as used by RepositoryIndex.
     pub fn state_name(&self) -> (&'static str, String) {
-        match &*self.state.read().unwrap_or_else(|poison| poison.into_inner()) {
+        match &*self
+            .state
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+        {
             VariantState::Loading => ("LOADING", String::new()),
             VariantState::Ready(_) => ("READY", String::new()),
             VariantState::Failed(reason) => ("UNAVAILABLE", reason.clone()),
@@ -61,7 +69,13 @@ impl Variant {
     }
 
     fn set(&self, state: VariantState) -> VariantState {
-        std::mem::replace(&mut *self.state.write().unwrap_or_else(|poison| poison.into_inner()), state)
+        std::mem::replace(
+            &mut *self
+                .state
+                .write()
+                .unwrap_or_else(|poison| poison.into_inner()),
+            state,
+        )
     }
 }
 
@@ -77,17 +91,27 @@ impl ServedModel {
     }
 
     pub fn version_names(&self) -> Vec<String> {
-        self.variants.iter().map(|variant| variant.spec.name.clone()).collect()
+        self.variants
+            .iter()
+            .map(|variant| variant.spec.name.clone())
+            .collect()
     }
 
     /// The variant a request addresses: an explicit `model_version`, or the policy's default.
     pub fn variant(&self, version: &str) -> Result<&Variant, ServeError> {
-        let wanted = if version.is_empty() { self.entry.policy.default_variant.as_str() } else { version };
-        self.variants.iter().find(|variant| variant.spec.name == wanted).ok_or_else(|| ServeError::VersionNotFound {
-            model: self.entry.name.clone(),
-            version: version.to_owned(),
-            available: self.version_names(),
-        })
+        let wanted = if version.is_empty() {
+            self.entry.policy.default_variant.as_str()
+        } else {
+            version
+        };
+        self.variants
+            .iter()
+            .find(|variant| variant.spec.name == wanted)
+            .ok_or_else(|| ServeError::VersionNotFound {
+                model: self.entry.name.clone(),
+                version: version.to_owned(),
+                available: self.version_names(),
+            })
     }
 
     /// A model is ready when its default variant is.
@@ -112,12 +136,18 @@ impl Registry {
                     .policy
                     .variants
                     .iter()
-                    .map(|spec| Variant { spec: spec.clone(), state: RwLock::new(VariantState::Loading) })
+                    .map(|spec| Variant {
+                        spec: spec.clone(),
+                        state: RwLock::new(VariantState::Loading),
+                    })
                     .collect();
                 (entry.name.clone(), ServedModel { entry, variants })
             })
             .collect();
-        Self { models, loading_done: AtomicBool::new(false) }
+        Self {
+            models,
+            loading_done: AtomicBool::new(false),
+        }
     }
 
     pub fn models(&self) -> impl Iterator<Item = &ServedModel> {
@@ -125,10 +155,12 @@ impl Registry {
     }
 
     pub fn model(&self, name: &str) -> Result<&ServedModel, ServeError> {
-        self.models.get(name).ok_or_else(|| ServeError::ModelNotFound {
-            model: name.to_owned(),
-            available: self.models.keys().cloned().collect(),
-        })
+        self.models
+            .get(name)
+            .ok_or_else(|| ServeError::ModelNotFound {
+                model: name.to_owned(),
+                available: self.models.keys().cloned().collect(),
+            })
     }
 
     /// True once loading finished and every model's default variant is ready.
@@ -147,7 +179,10 @@ impl Registry {
                     label: label.clone(),
                     model_path: model.entry.model_path.clone(),
                     instances: variant.spec.serving.instances,
-                    session: SessionConfig { intra_op_threads: variant.spec.serving.intra_op_threads },
+                    session: SessionConfig {
+                        intra_op_threads: variant.spec.serving.intra_op_threads,
+                        intra_op_spinning: variant.spec.serving.intra_op_spinning,
+                    },
                     max_batch_size: variant.spec.serving.max_batch_size,
                     default_max_batch_size: defaults.max_batch_size,
                     queue_capacity: defaults.queue_capacity,
@@ -181,7 +216,9 @@ impl Registry {
                 if let VariantState::Ready(pool) = variant.set(VariantState::Stopped) {
                     match Arc::into_inner(pool) {
                         Some(pool) => pool.shutdown(),
-                        None => tracing::warn!(model = model.name(), variant = %variant.spec.name, "workers still referenced at shutdown"),
+                        None => {
+                            tracing::warn!(model = model.name(), variant = %variant.spec.name, "workers still referenced at shutdown")
+                        }
                     }
                 }
             }

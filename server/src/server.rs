@@ -8,7 +8,6 @@ use std::sync::Arc;
 use mantissa_model_store::{RepositoryError, scan_repository};
 use mantissa_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::ort_runtime::{OrtSetupError, init_environment, locate_library};
@@ -57,9 +56,18 @@ pub async fn run(
 
     let registry = Arc::new(Registry::new(entries));
     let (health, health_service) = tonic_health::server::health_reporter();
-    let model_names: Vec<String> = registry.models().map(|model| model.name().to_owned()).collect();
-    for name in model_names.iter().map(String::as_str).chain(["", INFERENCE_SERVICE_NAME]) {
-        health.set_service_status(name, ServingStatus::NotServing).await;
+    let model_names: Vec<String> = registry
+        .models()
+        .map(|model| model.name().to_owned())
+        .collect();
+    for name in model_names
+        .iter()
+        .map(String::as_str)
+        .chain(["", INFERENCE_SERVICE_NAME])
+    {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -67,9 +75,13 @@ pub async fn run(
         Some(listener) => {
             let handle = crate::metrics::install().map_err(ServerError::Metrics)?;
             let mut stop = stop_rx.clone();
-            Some(tokio::spawn(crate::metrics::serve(listener, handle, async move {
-                let _ = stop.wait_for(|stopped| *stopped).await;
-            })))
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                handle,
+                async move {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                },
+            )))
         }
         None => None,
     };
@@ -82,15 +94,23 @@ pub async fn run(
             let loading = Arc::clone(&registry);
             tokio::task::spawn_blocking(move || loading.load_all(&environment, defaults)).await?;
             for model in registry.models() {
-                let status = if model.is_ready() { ServingStatus::Serving } else { ServingStatus::NotServing };
+                let status = if model.is_ready() {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
                 health.set_service_status(model.name(), status).await;
             }
             if registry.is_ready() {
                 health.set_service_status("", ServingStatus::Serving).await;
-                health.set_service_status(INFERENCE_SERVICE_NAME, ServingStatus::Serving).await;
+                health
+                    .set_service_status(INFERENCE_SERVICE_NAME, ServingStatus::Serving)
+                    .await;
                 tracing::info!("all models ready; serving");
             } else {
-                tracing::error!("not every model loaded; health stays NOT_SERVING (see errors above)");
+                tracing::error!(
+                    "not every model loaded; health stays NOT_SERVING (see errors above)"
+                );
             }
             Ok::<_, tokio::task::JoinError>(())
         })
@@ -106,17 +126,26 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|err| ServerError::Metrics(format!("reflection: {err}")))?;
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(Arc::clone(&registry), config.max_message_bytes))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(
+        Arc::clone(&registry),
+        config.max_message_bytes,
+    ))
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
 
     let drain_health = health.clone();
     let drain_names = model_names.clone();
     let graceful = async move {
         shutdown.await;
         tracing::info!("shutdown requested: no new connections; finishing in-flight requests");
-        for name in drain_names.iter().map(String::as_str).chain(["", INFERENCE_SERVICE_NAME]) {
-            drain_health.set_service_status(name, ServingStatus::NotServing).await;
+        for name in drain_names
+            .iter()
+            .map(String::as_str)
+            .chain(["", INFERENCE_SERVICE_NAME])
+        {
+            drain_health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
         }
     };
     tonic::transport::Server::builder()
@@ -124,7 +153,11 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), graceful)
+        .serve_with_incoming_shutdown(
+            // Without TCP_NODELAY, small responses wait out the peer's delayed ACK (~40 ms).
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            graceful,
+        )
         .await?;
 
     let _ = stop_tx.send(true);

@@ -33,10 +33,17 @@ pub struct InferenceService {
 
 impl InferenceService {
     pub fn new(registry: Arc<Registry>, max_message_bytes: usize) -> Self {
-        Self { registry, max_message_bytes }
+        Self {
+            registry,
+            max_message_bytes,
+        }
     }
 
-    fn ready_variant(&self, model: &str, version: &str) -> Result<(&ServedModel, &Variant, Arc<crate::worker::WorkerPool>), ServeError> {
+    fn ready_variant(
+        &self,
+        model: &str,
+        version: &str,
+    ) -> Result<(&ServedModel, &Variant, Arc<crate::worker::WorkerPool>), ServeError> {
         let served = self.registry.model(model)?;
         let variant = served.variant(version)?;
         let pool = variant.pool().map_err(|reason| ServeError::NotReady {
@@ -47,8 +54,12 @@ impl InferenceService {
         Ok((served, variant, pool))
     }
 
-    async fn infer(&self, request: &mut ModelInferRequest) -> Result<(String, ModelInferResponse), ServeError> {
-        let (served, variant, pool) = self.ready_variant(&request.model_name, &request.model_version)?;
+    async fn infer(
+        &self,
+        request: &mut ModelInferRequest,
+    ) -> Result<(String, ModelInferResponse), ServeError> {
+        let (served, variant, pool) =
+            self.ready_variant(&request.model_name, &request.model_version)?;
         let valid = validate_request(request, pool.signature(), self.max_message_bytes)?;
         let receiver = pool.submit(valid).map_err(|err| match err {
             SubmitError::Full { capacity } => ServeError::QueueFull {
@@ -81,20 +92,31 @@ impl InferenceService {
 fn tensor_metadata(specs: &[TensorSpec]) -> Vec<TensorMetadata> {
     specs
         .iter()
-        .map(|spec| TensorMetadata { name: spec.name.clone(), datatype: spec.datatype.as_str().to_owned(), shape: spec.dims.clone() })
+        .map(|spec| TensorMetadata {
+            name: spec.name.clone(),
+            datatype: spec.datatype.as_str().to_owned(),
+            shape: spec.dims.clone(),
+        })
         .collect()
 }
 
 /// Dimensions as Triton's ModelConfig lists them: without the batch dimension when batching.
 fn config_dims(spec: &TensorSpec, signature: &ModelSignature) -> Vec<i64> {
-    if signature.batches() { spec.dims[1..].to_vec() } else { spec.dims.clone() }
+    if signature.batches() {
+        spec.dims[1..].to_vec()
+    } else {
+        spec.dims.clone()
+    }
 }
 
 fn model_parameter(value: impl ToString) -> ModelParameter {
-    ModelParameter { string_value: value.to_string() }
+    ModelParameter {
+        string_value: value.to_string(),
+    }
 }
 
-type StreamInferStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send + 'static>>;
+type StreamInferStream =
+    Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send + 'static>>;
 
 fn unimplemented(what: &str) -> Status {
     Status::unimplemented(format!("{what} is not supported by this server"))
@@ -102,22 +124,41 @@ fn unimplemented(what: &str) -> Status {
 
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceService {
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
         Ok(Response::new(ServerLiveResponse { live: true }))
     }
 
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: self.registry.is_ready() }))
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.registry.is_ready(),
+        }))
     }
 
-    async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
         let request = request.into_inner();
-        let served = self.registry.model(&request.name)?;
-        let ready = served.variant(&request.version)?.is_ready();
+        // Like Triton, an unknown model or version is simply not ready, so clients can poll
+        // readiness before a model appears without handling an error.
+        let ready = self
+            .registry
+            .model(&request.name)
+            .and_then(|served| served.variant(&request.version))
+            .is_ok_and(Variant::is_ready);
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
-    async fn server_metadata(&self, _: Request<ServerMetadataRequest>) -> Result<Response<ServerMetadataResponse>, Status> {
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
         Ok(Response::new(ServerMetadataResponse {
             name: "mantissa".to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -125,7 +166,10 @@ impl GrpcInferenceService for InferenceService {
         }))
     }
 
-    async fn model_metadata(&self, request: Request<ModelMetadataRequest>) -> Result<Response<ModelMetadataResponse>, Status> {
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
         let request = request.into_inner();
         let (served, _, pool) = self.ready_variant(&request.name, &request.version)?;
         let signature = pool.signature();
@@ -138,7 +182,10 @@ impl GrpcInferenceService for InferenceService {
         }))
     }
 
-    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
         let mut request = request.into_inner();
         let result = self.infer(&mut request).await;
@@ -165,16 +212,28 @@ impl GrpcInferenceService for InferenceService {
         Err(unimplemented("ModelStreamInfer"))
     }
 
-    async fn model_config(&self, request: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+    async fn model_config(
+        &self,
+        request: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
         let request = request.into_inner();
         let (served, variant, pool) = self.ready_variant(&request.name, &request.version)?;
         let signature = pool.signature();
         let serving = &variant.spec.serving;
         let mut parameters = HashMap::new();
         parameters.insert("variant".to_owned(), model_parameter(&variant.spec.name));
-        parameters.insert("precision".to_owned(), model_parameter(variant.spec.precision.as_str()));
-        parameters.insert("default_variant".to_owned(), model_parameter(&served.entry.policy.default_variant));
-        parameters.insert("intra_op_threads".to_owned(), model_parameter(serving.intra_op_threads));
+        parameters.insert(
+            "precision".to_owned(),
+            model_parameter(variant.spec.precision.as_str()),
+        );
+        parameters.insert(
+            "default_variant".to_owned(),
+            model_parameter(&served.entry.policy.default_variant),
+        );
+        parameters.insert(
+            "intra_op_threads".to_owned(),
+            model_parameter(serving.intra_op_threads),
+        );
         let config = ModelConfig {
             name: served.name().to_owned(),
             platform: "onnxruntime_onnx".to_owned(),
@@ -210,14 +269,22 @@ impl GrpcInferenceService for InferenceService {
             parameters,
             ..Default::default()
         };
-        Ok(Response::new(ModelConfigResponse { config: Some(config) }))
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(config),
+        }))
     }
 
-    async fn model_statistics(&self, _: Request<ModelStatisticsRequest>) -> Result<Response<ModelStatisticsResponse>, Status> {
+    async fn model_statistics(
+        &self,
+        _: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
         Err(unimplemented("ModelStatistics"))
     }
 
-    async fn repository_index(&self, request: Request<RepositoryIndexRequest>) -> Result<Response<RepositoryIndexResponse>, Status> {
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
         let request = request.into_inner();
         let mut models = Vec::new();
         for served in self.registry.models() {
@@ -237,43 +304,77 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(RepositoryIndexResponse { models }))
     }
 
-    async fn repository_model_load(&self, _: Request<RepositoryModelLoadRequest>) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        Err(unimplemented("RepositoryModelLoad (models are loaded from the repository at startup)"))
+    async fn repository_model_load(
+        &self,
+        _: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        Err(unimplemented(
+            "RepositoryModelLoad (models are loaded from the repository at startup)",
+        ))
     }
 
-    async fn repository_model_unload(&self, _: Request<RepositoryModelUnloadRequest>) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        Err(unimplemented("RepositoryModelUnload (models are loaded from the repository at startup)"))
+    async fn repository_model_unload(
+        &self,
+        _: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        Err(unimplemented(
+            "RepositoryModelUnload (models are loaded from the repository at startup)",
+        ))
     }
 
-    async fn system_shared_memory_status(&self, _: Request<SystemSharedMemoryStatusRequest>) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
         Err(unimplemented("system shared memory"))
     }
 
-    async fn system_shared_memory_register(&self, _: Request<SystemSharedMemoryRegisterRequest>) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
         Err(unimplemented("system shared memory"))
     }
 
-    async fn system_shared_memory_unregister(&self, _: Request<SystemSharedMemoryUnregisterRequest>) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
         Err(unimplemented("system shared memory"))
     }
 
-    async fn cuda_shared_memory_status(&self, _: Request<CudaSharedMemoryStatusRequest>) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<CudaSharedMemoryStatusRequest>,
+    ) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
         Err(unimplemented("CUDA shared memory"))
     }
 
-    async fn cuda_shared_memory_register(&self, _: Request<CudaSharedMemoryRegisterRequest>) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<CudaSharedMemoryRegisterRequest>,
+    ) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
         Err(unimplemented("CUDA shared memory"))
     }
 
-    async fn cuda_shared_memory_unregister(&self, _: Request<CudaSharedMemoryUnregisterRequest>) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
         Err(unimplemented("CUDA shared memory"))
     }
 
-    async fn trace_setting(&self, _: Request<TraceSettingRequest>) -> Result<Response<TraceSettingResponse>, Status> {
+    async fn trace_setting(
+        &self,
+        _: Request<TraceSettingRequest>,
+    ) -> Result<Response<TraceSettingResponse>, Status> {
         Err(unimplemented("TraceSetting"))
     }
 
-    async fn log_settings(&self, _: Request<LogSettingsRequest>) -> Result<Response<LogSettingsResponse>, Status> {
+    async fn log_settings(
+        &self,
+        _: Request<LogSettingsRequest>,
+    ) -> Result<Response<LogSettingsResponse>, Status> {
         Err(unimplemented("LogSettings"))
     }
 }

@@ -13,12 +13,23 @@ use mantissa_proto::inference::model_infer_request::InferInputTensor;
 fn missing_onnx_runtime_library_is_a_clear_startup_error() {
     let mut command = mantissa_command();
     command
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--model-store"])
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--model-store",
+        ])
         .arg(example_store())
         .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so.1.31.1");
     let (status, stderr) = run_to_exit(command, Duration::from_secs(30));
     assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("ONNX Runtime library /nonexistent/libonnxruntime.so.1.31.1 does not exist"), "{stderr}");
+    assert!(
+        stderr
+            .contains("ONNX Runtime library /nonexistent/libonnxruntime.so.1.31.1 does not exist"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -29,7 +40,14 @@ fn a_file_that_is_not_onnx_runtime_is_a_clear_startup_error() {
     std::fs::write(&fake, b"not a shared library").unwrap();
     let mut command = mantissa_command();
     command
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--model-store"])
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--model-store",
+        ])
         .arg(example_store())
         .env("ORT_DYLIB_PATH", &fake);
     let (status, stderr) = run_to_exit(command, Duration::from_secs(30));
@@ -43,26 +61,65 @@ fn policy_errors_name_file_line_and_key() {
     let store = tempfile::tempdir().unwrap();
     let model = store.path().join("digits");
     std::fs::create_dir(&model).unwrap();
-    std::fs::copy(example_store().join("digits_cnn/model.onnx"), model.join("model.onnx")).unwrap();
-    std::fs::write(model.join("policy.yaml"), "serving:\n  instances: 1\nvariants:\n  fp32:\n    precision: fp32\n    max_batch: 4\n").unwrap();
+    std::fs::copy(
+        example_store().join("digits_cnn/model.onnx"),
+        model.join("model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(
+        model.join("policy.yaml"),
+        "serving:\n  instances: 1\nvariants:\n  fp32:\n    precision: fp32\n    max_batch: 4\n",
+    )
+    .unwrap();
     let mut command = mantissa_command();
-    command.args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--model-store"]).arg(store.path());
+    command
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--model-store",
+        ])
+        .arg(store.path());
     let (status, stderr) = run_to_exit(command, Duration::from_secs(30));
     assert_eq!(status.code(), Some(1), "{stderr}");
-    let expected = format!("{}:6: key `variants.fp32", model.join("policy.yaml").display());
-    assert!(stderr.contains(&expected), "expected {expected:?} in {stderr}");
+    let expected = format!(
+        "{}:6: key `variants.fp32",
+        model.join("policy.yaml").display()
+    );
+    assert!(
+        stderr.contains(&expected),
+        "expected {expected:?} in {stderr}"
+    );
     assert!(stderr.contains("unknown field `max_batch`"), "{stderr}");
 }
 
 #[test]
 fn help_lists_every_serve_option_and_its_environment_variable() {
-    let output = mantissa_command().args(["serve", "--help"]).output().unwrap();
+    let output = mantissa_command()
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8(output.stdout).unwrap();
     for expected in [
-        "--model-store", "MANTISSA_MODEL_STORE", "--grpc-addr", "MANTISSA_GRPC_ADDR", "0.0.0.0:8001", "--metrics-addr",
-        "MANTISSA_METRICS_ADDR", "0.0.0.0:8002", "--log-format", "MANTISSA_LOG_FORMAT", "ORT_DYLIB_PATH", "MANTISSA_MAX_MESSAGE_BYTES",
+        "--model-store",
+        "MANTISSA_MODEL_STORE",
+        "--grpc-addr",
+        "MANTISSA_GRPC_ADDR",
+        "0.0.0.0:8001",
+        "--metrics-addr",
+        "MANTISSA_METRICS_ADDR",
+        "0.0.0.0:8002",
+        "--log-format",
+        "MANTISSA_LOG_FORMAT",
+        "ORT_DYLIB_PATH",
+        "MANTISSA_MAX_MESSAGE_BYTES",
     ] {
-        assert!(help.contains(expected), "`mantissa serve --help` lacks {expected}:\n{help}");
+        assert!(
+            help.contains(expected),
+            "`mantissa serve --help` lacks {expected}:\n{help}"
+        );
     }
 }
 
@@ -70,7 +127,12 @@ fn slow_request(rows: usize, id: usize) -> ModelInferRequest {
     ModelInferRequest {
         model_name: "slow_matmul".into(),
         id: id.to_string(),
-        inputs: vec![InferInputTensor { name: "x".into(), datatype: "FP32".into(), shape: vec![rows as i64, 256], ..Default::default() }],
+        inputs: vec![InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows as i64, 256],
+            ..Default::default()
+        }],
         raw_input_contents: vec![f32_bytes(&vec![0.01 * id as f32; rows * 256])],
         ..Default::default()
     }
@@ -79,7 +141,8 @@ fn slow_request(rows: usize, id: usize) -> ModelInferRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_load_finishes_every_accepted_request_and_exits_zero() {
     // Configured through the environment, as a container would.
-    let mut server = TestServer::start_with(&fixture_store(), &[], &[("MANTISSA_QUEUE_CAPACITY", "256")]);
+    let mut server =
+        TestServer::start_with(&fixture_store(), &[], &[("MANTISSA_QUEUE_CAPACITY", "256")]);
     let client = server.wait_ready().await;
 
     let in_flight = 24;
@@ -99,15 +162,27 @@ async fn sigterm_during_load_finishes_every_accepted_request_and_exits_zero() {
     let mut finished_after_sigterm = 0;
     for (id, task) in tasks.into_iter().enumerate() {
         let (result, finished_at) = task.await.unwrap();
-        let response = result.unwrap_or_else(|status| panic!("request {id} lost during shutdown: {status:?}\n{}", server.logs()));
+        let response = result.unwrap_or_else(|status| {
+            panic!(
+                "request {id} lost during shutdown: {status:?}\n{}",
+                server.logs()
+            )
+        });
         let response = response.into_inner();
         assert_eq!(response.id, id.to_string());
         assert_eq!(response.raw_output_contents[0].len(), 128 * 256 * 4);
         finished_after_sigterm += usize::from(finished_at > terminated_at);
     }
     // The test only means something if work was still queued when the signal arrived.
-    assert!(finished_after_sigterm >= in_flight / 2, "only {finished_after_sigterm} requests were still in flight at SIGTERM");
+    assert!(
+        finished_after_sigterm >= in_flight / 2,
+        "only {finished_after_sigterm} requests were still in flight at SIGTERM"
+    );
     let status = server.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(0), "{}", server.logs());
-    assert!(server.logs().contains("shutdown complete"), "{}", server.logs());
+    assert!(
+        server.logs().contains("shutdown complete"),
+        "{}",
+        server.logs()
+    );
 }

@@ -1,0 +1,149 @@
+//! Element-type inference: the ONNX element type of every value in a graph, from declared
+//! types (inputs, initializers, value_info, outputs) and per-operator rules for the ops that
+//! change types. Passes use it to tell float tensors from index and shape tensors.
+
+use std::collections::HashMap;
+
+use crate::elem;
+use crate::onnx::type_proto;
+use crate::onnx::{AttributeProto, GraphProto, NodeProto, ValueInfoProto};
+
+/// Value name -> ONNX element type (`TensorProto.DataType`).
+pub type ElemTypes = HashMap<String, i32>;
+
+/// The element type a `ValueInfoProto` declares, if it is a tensor with a known type.
+pub fn declared_elem_type(info: &ValueInfoProto) -> Option<i32> {
+    match info.r#type.as_ref()?.value.as_ref()? {
+        type_proto::Value::TensorType(tensor) => tensor.elem_type.filter(|&t| t != 0),
+        _ => None,
+    }
+}
+
+pub fn attribute<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    node.attribute
+        .iter()
+        .find(|attribute| attribute.name() == name)
+}
+
+fn attribute_int(node: &NodeProto, name: &str) -> Option<i64> {
+    attribute(node, name).and_then(|a| a.i)
+}
+
+/// Infers element types for `graph`, seeded with the types of outer-scope values.
+pub fn infer_elem_types(graph: &GraphProto, outer: &ElemTypes) -> ElemTypes {
+    let mut types = outer.clone();
+    for info in graph
+        .input
+        .iter()
+        .chain(&graph.value_info)
+        .chain(&graph.output)
+    {
+        if let Some(elem_type) = declared_elem_type(info) {
+            types.insert(info.name().to_owned(), elem_type);
+        }
+    }
+    for tensor in &graph.initializer {
+        types.insert(tensor.name().to_owned(), tensor.data_type());
+    }
+    // Two sweeps cover graphs whose nodes are not stored in topological order.
+    for _ in 0..2 {
+        for node in &graph.node {
+            let outputs = node_output_types(node, &types);
+            for (name, elem_type) in node.output.iter().zip(outputs) {
+                if let (false, Some(elem_type)) = (name.is_empty(), elem_type) {
+                    types.entry(name.clone()).or_insert(elem_type);
+                }
+            }
+        }
+    }
+    types
+}
+
+fn input_type(node: &NodeProto, index: usize, types: &ElemTypes) -> Option<i32> {
+    node.input
+        .get(index)
+        .filter(|name| !name.is_empty())
+        .and_then(|name| types.get(name))
+        .copied()
+}
+
+fn subgraph_output_types(node: &NodeProto, attribute_name: &str, skip: usize) -> Vec<Option<i32>> {
+    attribute(node, attribute_name)
+        .and_then(|a| a.g.as_ref())
+        .map(|g| g.output.iter().skip(skip).map(declared_elem_type).collect())
+        .unwrap_or_default()
+}
+
+/// Output element types of one node, by operator rule. `None` where unknown.
+pub fn node_output_types(node: &NodeProto, types: &ElemTypes) -> Vec<Option<i32>> {
+    let count = node.output.len();
+    let all = |elem_type: Option<i32>| vec![elem_type; count];
+    let first_known = || {
+        node.input
+            .iter()
+            .filter(|n| !n.is_empty())
+            .find_map(|n| types.get(n))
+            .copied()
+    };
+    let domain = node.domain();
+    if !(domain.is_empty() || domain == "ai.onnx" || domain == "com.microsoft") {
+        return all(None);
+    }
+    match node.op_type() {
+        "Cast" => all(attribute_int(node, "to").map(|t| t as i32)),
+        "CastLike" => all(input_type(node, 1, types)),
+        "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" | "NonMaxSuppression" => {
+            all(Some(elem::INT64))
+        }
+        "Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual" | "Not" | "And" | "Or"
+        | "Xor" | "IsNaN" | "IsInf" => all(Some(elem::BOOL)),
+        "TopK" => vec![input_type(node, 0, types), Some(elem::INT64)],
+        "Unique" => {
+            let mut out = all(Some(elem::INT64));
+            if let Some(first) = out.first_mut() {
+                *first = input_type(node, 0, types);
+            }
+            out
+        }
+        "Constant" => all(constant_type(node)),
+        "ConstantOfShape" => all(Some(
+            attribute(node, "value")
+                .and_then(|a| a.t.as_ref())
+                .map_or(elem::FLOAT, |t| t.data_type()),
+        )),
+        "RandomNormal" | "RandomUniform" => all(Some(
+            attribute_int(node, "dtype").map_or(elem::FLOAT, |t| t as i32),
+        )),
+        "EyeLike" | "RandomNormalLike" | "RandomUniformLike" | "Bernoulli" => {
+            all(attribute_int(node, "dtype")
+                .map(|t| t as i32)
+                .or_else(|| input_type(node, 0, types)))
+        }
+        "Multinomial" => all(Some(
+            attribute_int(node, "dtype").map_or(elem::INT32, |t| t as i32),
+        )),
+        "QuantizeLinear" => all(input_type(node, 2, types).or(Some(elem::UINT8))),
+        "DequantizeLinear" => all(input_type(node, 1, types).or(Some(elem::FLOAT))),
+        "DynamicQuantizeLinear" => vec![Some(elem::UINT8), Some(elem::FLOAT), Some(elem::UINT8)],
+        "MatMulInteger" | "ConvInteger" => all(Some(elem::INT32)),
+        "QLinearConv" => all(input_type(node, 7, types).or(Some(elem::UINT8))),
+        "QLinearMatMul" => all(input_type(node, 7, types).or(Some(elem::UINT8))),
+        "Where" => all(input_type(node, 1, types)),
+        "OneHot" => all(input_type(node, 2, types)),
+        "If" => subgraph_output_types(node, "then_branch", 0),
+        "Loop" => subgraph_output_types(node, "body", 1),
+        "Scan" => subgraph_output_types(node, "body", 0),
+        _ => all(first_known()),
+    }
+}
+
+fn constant_type(node: &NodeProto) -> Option<i32> {
+    let attribute = node.attribute.first()?;
+    Some(match attribute.name() {
+        "value" => attribute.t.as_ref()?.data_type(),
+        "value_float" | "value_floats" => elem::FLOAT,
+        "value_int" | "value_ints" => elem::INT64,
+        "value_string" | "value_strings" => elem::STRING,
+        _ => return None,
+    })
+}
