@@ -10,7 +10,7 @@ export ORT_DYLIB_PATH
 ./scripts/setup-python.sh
 
 echo "== cargo test"
-cargo build --workspace --bins
+cargo build --workspace --bins --examples
 cargo test --workspace
 
 echo "== python client tests"

@@ -83,12 +83,7 @@ pub struct ServingSettings {
 
 impl Default for ServingSettings {
     fn default() -> Self {
-        Self {
-            max_batch_size: None,
-            instances: 1,
-            intra_op_threads: 1,
-            intra_op_spinning: false,
-        }
+        Self { max_batch_size: None, instances: 1, intra_op_threads: 1, intra_op_spinning: false }
     }
 }
 
@@ -195,12 +190,7 @@ fn parse_raw(text: &str, path: &Path) -> Result<RawPolicy, PolicyError> {
             Some(cut) => message[..cut].to_owned(),
             None => message,
         };
-        PolicyError {
-            file: path.to_owned(),
-            line,
-            key,
-            message,
-        }
+        PolicyError { file: path.to_owned(), line, key, message }
     })
 }
 
@@ -213,10 +203,7 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
     };
 
     if raw.variants.is_empty() {
-        return Err(error(
-            &["variants"],
-            "at least one variant is required".to_owned(),
-        ));
+        return Err(error(&["variants"], "at least one variant is required".to_owned()));
     }
     let defaults = merge_serving(&ServingSettings::default(), &raw.serving);
     check_serving(&defaults, &["serving"], &error)?;
@@ -226,9 +213,7 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
         if !is_valid_name(name) {
             return Err(error(
                 &["variants", name],
-                format!(
-                    "variant name `{name}` must be non-empty and use only letters, digits, '_', '-' or '.'"
-                ),
+                format!("variant name `{name}` must be non-empty and use only letters, digits, '_', '-' or '.'"),
             ));
         }
         let serving = merge_serving(&defaults, &variant.serving);
@@ -249,17 +234,9 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
         if let Some(options) = &fp16
             && let Err(err) = mantissa_quantize::fp16::validate_options(options)
         {
-            return Err(error(
-                &["variants", name, "fp16", "node_block_list"],
-                err.to_string(),
-            ));
+            return Err(error(&["variants", name, "fp16", "node_block_list"], err.to_string()));
         }
-        variants.push(VariantSpec {
-            name: name.clone(),
-            precision: variant.precision,
-            fp16,
-            serving,
-        });
+        variants.push(VariantSpec { name: name.clone(), precision: variant.precision, fp16, serving });
     }
 
     let default_variant = match &raw.routing.default {
@@ -280,11 +257,7 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
         }
     };
 
-    Ok(Policy {
-        source: Some(path.to_owned()),
-        variants,
-        default_variant,
-    })
+    Ok(Policy { source: Some(path.to_owned()), variants, default_variant })
 }
 
 fn merge_serving(base: &ServingSettings, raw: &RawServing) -> ServingSettings {
@@ -303,33 +276,21 @@ fn check_serving(
 ) -> Result<(), PolicyError> {
     let key = |leaf: &'static str| -> Vec<&str> { at.iter().copied().chain([leaf]).collect() };
     if serving.instances == 0 || serving.instances > 256 {
-        return Err(error(
-            &key("instances"),
-            format!("expected 1..=256, got {}", serving.instances),
-        ));
+        return Err(error(&key("instances"), format!("expected 1..=256, got {}", serving.instances)));
     }
     if serving.intra_op_threads > 1024 {
-        return Err(error(
-            &key("intra_op_threads"),
-            format!("expected 0..=1024, got {}", serving.intra_op_threads),
-        ));
+        return Err(error(&key("intra_op_threads"), format!("expected 0..=1024, got {}", serving.intra_op_threads)));
     }
     if let Some(size) = serving.max_batch_size
         && size > 65_536
     {
-        return Err(error(
-            &key("max_batch_size"),
-            format!("expected 0..=65536, got {size}"),
-        ));
+        return Err(error(&key("max_batch_size"), format!("expected 0..=65536, got {size}")));
     }
     Ok(())
 }
 
 fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 #[cfg(test)]
@@ -349,12 +310,7 @@ mod tests {
         assert_eq!(policy.default_variant, "fp32");
         assert_eq!(
             policy.variants[0].serving,
-            ServingSettings {
-                max_batch_size: Some(16),
-                instances: 2,
-                intra_op_threads: 4,
-                intra_op_spinning: false
-            }
+            ServingSettings { max_batch_size: Some(16), instances: 2, intra_op_threads: 4, intra_op_spinning: false }
         );
     }
 
@@ -364,11 +320,7 @@ mod tests {
         assert_eq!(err.line, Some(4), "{err}");
         assert!(err.key.starts_with("variants.fp32"), "{err}");
         assert!(err.message.contains("unknown field `instancez`"), "{err}");
-        assert!(
-            err.to_string()
-                .starts_with("store/m/policy.yaml:4: key `variants.fp32"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("store/m/policy.yaml:4: key `variants.fp32"), "{err}");
     }
 
     #[test]
@@ -381,21 +333,15 @@ mod tests {
 
     #[test]
     fn routing_to_unknown_variant_is_rejected() {
-        let err = parse("variants:\n  fp32:\n    precision: fp32\nrouting:\n  default: int8\n")
-            .unwrap_err();
+        let err = parse("variants:\n  fp32:\n    precision: fp32\nrouting:\n  default: int8\n").unwrap_err();
         assert_eq!((err.line, err.key.as_str()), (Some(5), "routing.default"));
         assert!(err.message.contains("`int8`"), "{err}");
     }
 
     #[test]
     fn zero_instances_is_rejected_with_location() {
-        let err =
-            parse("variants:\n  fp32:\n    precision: fp32\n    serving:\n      instances: 0\n")
-                .unwrap_err();
-        assert_eq!(
-            (err.line, err.key.as_str()),
-            (Some(5), "variants.fp32.serving.instances")
-        );
+        let err = parse("variants:\n  fp32:\n    precision: fp32\n    serving:\n      instances: 0\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(5), "variants.fp32.serving.instances"));
         assert!(err.message.contains("got 0"), "{err}");
     }
 
@@ -415,40 +361,26 @@ mod tests {
 
     #[test]
     fn fp16_option_errors_name_the_key() {
-        let err =
-            parse("variants:\n  half:\n    precision: fp16\n    fp16:\n      keep_io: false\n")
-                .unwrap_err();
+        let err = parse("variants:\n  half:\n    precision: fp16\n    fp16:\n      keep_io: false\n").unwrap_err();
         assert_eq!(err.line, Some(5), "{err}");
         assert!(err.key.starts_with("variants.half.fp16"), "{err}");
         assert!(err.message.contains("unknown field `keep_io`"), "{err}");
         let err = parse("variants:\n  f:\n    precision: fp32\n    fp16: {}\n").unwrap_err();
         assert_eq!((err.line, err.key.as_str()), (Some(4), "variants.f.fp16"));
-        let err = parse(
-            "variants:\n  h:\n    precision: fp16\n    fp16:\n      node_block_list: ['(']\n",
-        )
-        .unwrap_err();
-        assert_eq!(
-            (err.line, err.key.as_str()),
-            (Some(5), "variants.h.fp16.node_block_list")
-        );
-        assert!(
-            err.message
-                .contains("'(' is not a valid regular expression"),
-            "{err}"
-        );
+        let err = parse("variants:\n  h:\n    precision: fp16\n    fp16:\n      node_block_list: ['(']\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(5), "variants.h.fp16.node_block_list"));
+        assert!(err.message.contains("'(' is not a valid regular expression"), "{err}");
     }
 
     #[test]
     fn wrong_type_is_rejected() {
-        let err = parse("serving:\n  instances: many\nvariants:\n  fp32:\n    precision: fp32\n")
-            .unwrap_err();
+        let err = parse("serving:\n  instances: many\nvariants:\n  fp32:\n    precision: fp32\n").unwrap_err();
         assert_eq!((err.line, err.key.as_str()), (Some(2), "serving.instances"));
     }
 
     #[test]
     fn multiple_variants_need_a_default() {
-        let err =
-            parse("variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp32\n").unwrap_err();
+        let err = parse("variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp32\n").unwrap_err();
         assert_eq!(err.key, "routing");
     }
 }

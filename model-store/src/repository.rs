@@ -19,17 +19,12 @@ pub struct ModelEntry {
 #[derive(Debug, thiserror::Error)]
 pub enum RepositoryError {
     #[error("model repository {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("model repository {0} contains no models (expected <store>/<model>/{MODEL_FILE})")]
     Empty(PathBuf),
     #[error("model directory {directory} has no {MODEL_FILE}")]
     MissingModel { directory: PathBuf },
-    #[error(
-        "model directory name {0:?} is not a valid model name (letters, digits, '_', '-', '.')"
-    )]
+    #[error("model directory name {0:?} is not a valid model name (letters, digits, '_', '-', '.')")]
     InvalidName(PathBuf),
     #[error(transparent)]
     Policy(#[from] PolicyError),
@@ -38,10 +33,7 @@ pub enum RepositoryError {
 /// Lists every model under `store`, sorted by name. Hidden directories are ignored; a directory
 /// without `model.onnx` is an error rather than a silently missing model.
 pub fn scan_repository(store: &Path) -> Result<Vec<ModelEntry>, RepositoryError> {
-    let io_error = |source| RepositoryError::Io {
-        path: store.to_owned(),
-        source,
-    };
+    let io_error = |source| RepositoryError::Io { path: store.to_owned(), source };
     let mut entries = Vec::new();
     for dir_entry in std::fs::read_dir(store).map_err(io_error)? {
         let dir_entry = dir_entry.map_err(io_error)?;
@@ -53,10 +45,7 @@ pub fn scan_repository(store: &Path) -> Result<Vec<ModelEntry>, RepositoryError>
         if name.starts_with('.') || !directory.is_dir() {
             continue;
         }
-        if !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        {
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
             return Err(RepositoryError::InvalidName(directory));
         }
         let model_path = directory.join(MODEL_FILE);
@@ -67,18 +56,10 @@ pub fn scan_repository(store: &Path) -> Result<Vec<ModelEntry>, RepositoryError>
         let policy = if policy_path.exists() {
             Policy::load(&policy_path)?
         } else {
-            tracing::info!(
-                model = name,
-                "no {POLICY_FILE}; serving the fp32 variant with default settings"
-            );
+            tracing::info!(model = name, "no {POLICY_FILE}; serving the fp32 variant with default settings");
             Policy::default_fp32()
         };
-        entries.push(ModelEntry {
-            name: name.to_owned(),
-            directory,
-            model_path,
-            policy,
-        });
+        entries.push(ModelEntry { name: name.to_owned(), directory, model_path, policy });
     }
     if entries.is_empty() {
         return Err(RepositoryError::Empty(store.to_owned()));
@@ -125,11 +106,7 @@ mod tests {
         let dir = store.path().join("m");
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join(MODEL_FILE), b"onnx").unwrap();
-        std::fs::write(
-            dir.join(POLICY_FILE),
-            "variants:\n  fp32:\n    precison: fp32\n",
-        )
-        .unwrap();
+        std::fs::write(dir.join(POLICY_FILE), "variants:\n  fp32:\n    precison: fp32\n").unwrap();
         let message = scan_repository(store.path()).unwrap_err().to_string();
         assert!(message.contains("policy.yaml:3"), "{message}");
         assert!(message.contains("precison"), "{message}");

@@ -20,12 +20,7 @@ pub(crate) fn line_of_key(text: &str, path: &[&str]) -> Option<usize> {
                 // Left the parent's block without finding the component.
                 return found_line;
             }
-            let key = trimmed
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .trim_matches(['"', '\'']);
+            let key = trimmed.split(':').next().unwrap_or("").trim().trim_matches(['"', '\'']);
             if trimmed.contains(':') && key == *component {
                 found_line = Some(index + 1);
                 parent_indent = Some(indent);
@@ -46,10 +41,7 @@ mod tests {
     #[test]
     fn finds_nested_keys() {
         assert_eq!(line_of_key(TEXT, &["serving", "instances"]), Some(3));
-        assert_eq!(
-            line_of_key(TEXT, &["variants", "other", "serving", "instances"]),
-            Some(9)
-        );
+        assert_eq!(line_of_key(TEXT, &["variants", "other", "serving", "instances"]), Some(9));
         assert_eq!(line_of_key(TEXT, &["routing", "default"]), Some(11));
     }
 

@@ -16,9 +16,7 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::elem;
-use crate::graph::{
-    GraphError, GraphIndex, NameGenerator, node_reads, set_declared_elem_type, topological_order,
-};
+use crate::graph::{GraphError, GraphIndex, NameGenerator, node_reads, set_declared_elem_type, topological_order};
 use crate::onnx::{AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto};
 use crate::tensor::narrow_to_f16;
 use crate::types::{ElemTypes, attribute, infer_elem_types};
@@ -62,27 +60,10 @@ pub const DEFAULT_OP_BLOCK_LIST: &[&str] = &[
 ];
 
 /// Ops whose FLOPs make a layer "compute" for the first/last-layer rule.
-const COMPUTE_OPS: &[&str] = &[
-    "Conv",
-    "ConvTranspose",
-    "MatMul",
-    "Gemm",
-    "Einsum",
-    "LSTM",
-    "GRU",
-    "RNN",
-];
+const COMPUTE_OPS: &[&str] = &["Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "LSTM", "GRU", "RNN"];
 
 /// Ops that pass a tensor through unchanged in value, for pattern matching.
-const PASS_THROUGH_OPS: &[&str] = &[
-    "Cast",
-    "Dropout",
-    "Identity",
-    "Reshape",
-    "Transpose",
-    "Squeeze",
-    "Unsqueeze",
-];
+const PASS_THROUGH_OPS: &[&str] = &["Cast", "Dropout", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze"];
 
 /// Options of the FP16 pass (the `fp16:` section of a variant in policy.yaml).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -208,22 +189,12 @@ pub fn validate_options(options: &Fp16Options) -> Result<(), Fp16Error> {
 }
 
 /// Converts `model` to FP16 in place.
-pub fn convert_to_fp16(
-    model: &mut ModelProto,
-    options: &Fp16Options,
-) -> Result<Fp16Report, Fp16Error> {
+pub fn convert_to_fp16(model: &mut ModelProto, options: &Fp16Options) -> Result<Fp16Report, Fp16Error> {
     let rules = Rules::new(options)?;
     let graph = model.graph.as_mut().ok_or(Fp16Error::NoGraph)?;
     let mut report = Fp16Report::default();
     let mut names = NameGenerator::for_graph(graph);
-    convert_graph(
-        graph,
-        &ElemTypes::new(),
-        &rules,
-        Scope::Main,
-        &mut names,
-        &mut report,
-    )?;
+    convert_graph(graph, &ElemTypes::new(), &rules, Scope::Main, &mut names, &mut report)?;
     Ok(report)
 }
 
@@ -235,10 +206,7 @@ struct Rules<'a> {
 
 impl<'a> Rules<'a> {
     fn new(options: &'a Fp16Options) -> Result<Self, Fp16Error> {
-        let mut blocked_ops: HashSet<String> = DEFAULT_OP_BLOCK_LIST
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
+        let mut blocked_ops: HashSet<String> = DEFAULT_OP_BLOCK_LIST.iter().map(|s| (*s).to_owned()).collect();
         blocked_ops.extend(options.op_block_list_add.iter().cloned());
         for removed in &options.op_block_list_remove {
             blocked_ops.remove(removed);
@@ -249,25 +217,16 @@ impl<'a> Rules<'a> {
             .map(|pattern| {
                 Regex::new(&format!("^(?:{pattern})$"))
                     .map(|regex| (pattern.clone(), Some(regex)))
-                    .map_err(|err| Fp16Error::BadPattern {
-                        pattern: pattern.clone(),
-                        reason: err.to_string(),
-                    })
+                    .map_err(|err| Fp16Error::BadPattern { pattern: pattern.clone(), reason: err.to_string() })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self {
-            options,
-            blocked_ops,
-            node_patterns,
-        })
+        Ok(Self { options, blocked_ops, node_patterns })
     }
 
     fn node_pattern(&self, name: &str) -> Option<&str> {
         self.node_patterns
             .iter()
-            .find(|(pattern, regex)| {
-                pattern == name || regex.as_ref().is_some_and(|r| r.is_match(name))
-            })
+            .find(|(pattern, regex)| pattern == name || regex.as_ref().is_some_and(|r| r.is_match(name)))
             .map(|(pattern, _)| pattern.as_str())
     }
 }
@@ -297,9 +256,7 @@ fn is_float(types: &ElemTypes, name: &str) -> bool {
 }
 
 fn has_subgraph(node: &NodeProto) -> bool {
-    node.attribute
-        .iter()
-        .any(|a| a.g.is_some() || !a.graphs.is_empty())
+    node.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty())
 }
 
 fn is_constant_like(node: &NodeProto) -> bool {
@@ -315,10 +272,7 @@ fn convert_graph(
     report: &mut Fp16Report,
 ) -> Result<(), Fp16Error> {
     let order = topological_order(graph)?;
-    let mut nodes: Vec<Option<NodeProto>> = std::mem::take(&mut graph.node)
-        .into_iter()
-        .map(Some)
-        .collect();
+    let mut nodes: Vec<Option<NodeProto>> = std::mem::take(&mut graph.node).into_iter().map(Some).collect();
     graph.node = order.iter().filter_map(|&i| nodes[i].take()).collect();
 
     let types = infer_elem_types(graph, outer_types);
@@ -328,11 +282,7 @@ fn convert_graph(
 
     // Graph outputs whose producer runs in the other precision: the producer writes a renamed
     // value and a Cast restores the declared name and type after it.
-    let io_precision = if keep_io {
-        Precision::Fp32
-    } else {
-        Precision::Fp16
-    };
+    let io_precision = if keep_io { Precision::Fp32 } else { Precision::Fp16 };
     let mut after_node: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let output_names: Vec<String> = graph.output.iter().map(|o| o.name().to_owned()).collect();
     let mut renamed_types = types.clone();
@@ -343,23 +293,14 @@ fn convert_graph(
         let Some(producer) = index.producer(output) else {
             continue;
         };
-        let produced = if decisions[producer] == Decision::Convert {
-            Precision::Fp16
-        } else {
-            Precision::Fp32
-        };
+        let produced = if decisions[producer] == Decision::Convert { Precision::Fp16 } else { Precision::Fp32 };
         if produced == io_precision {
             continue;
         }
         let internal = names.fresh(&format!("{output}_{}", suffix(produced)));
         rename_value(graph, output, &internal);
         renamed_types.insert(internal.clone(), elem::FLOAT);
-        after_node.entry(producer).or_default().push(cast_node(
-            names,
-            &internal,
-            output,
-            io_precision,
-        ));
+        after_node.entry(producer).or_default().push(cast_node(names, &internal, output, io_precision));
         report.casts_inserted += 1;
         if io_precision == Precision::Fp16 {
             set_declared_elem_type(graph, output, elem::FLOAT16);
@@ -372,11 +313,7 @@ fn convert_graph(
     let mut home: HashMap<String, Precision> = HashMap::new();
     let input_names: Vec<String> = graph.input.iter().map(|i| i.name().to_owned()).collect();
     for input in input_names.iter().filter(|name| is_float(&types, name)) {
-        let precision = if keep_io {
-            Precision::Fp32
-        } else {
-            Precision::Fp16
-        };
+        let precision = if keep_io { Precision::Fp32 } else { Precision::Fp16 };
         home.insert(input.clone(), precision);
         if precision == Precision::Fp16 {
             set_declared_elem_type(graph, input, elem::FLOAT16);
@@ -390,8 +327,7 @@ fn convert_graph(
         }
         let name = tensor.name().to_owned();
         let readers = index.consumers(&name);
-        let all_converted =
-            !readers.is_empty() && readers.iter().all(|&r| decisions[r] == Decision::Convert);
+        let all_converted = !readers.is_empty() && readers.iter().all(|&r| decisions[r] == Decision::Convert);
         if all_converted && !graph_outputs.contains(name.as_str()) {
             report.values_clamped += narrow_to_f16(tensor).map_or(0, |n| n.clamped);
             report.initializers_converted += 1;
@@ -402,14 +338,8 @@ fn convert_graph(
         }
     }
 
-    let mut rewriter = Rewriter {
-        names,
-        home,
-        types: &types,
-        initializer_copies: HashMap::new(),
-        casts: HashMap::new(),
-        report,
-    };
+    let mut rewriter =
+        Rewriter { names, home, types: &types, initializer_copies: HashMap::new(), casts: HashMap::new(), report };
     let original = std::mem::take(&mut graph.node);
     let mut rebuilt = Vec::with_capacity(original.len());
     let mut new_initializers = Vec::new();
@@ -428,11 +358,7 @@ fn convert_graph(
             }
             Decision::Keep(reason) => {
                 tracing::debug!(node = node.name(), op = node.op_type(), %reason, "fp16: kept FP32");
-                rewriter.report.nodes_kept.push((
-                    node.name().to_owned(),
-                    node.op_type().to_owned(),
-                    reason.clone(),
-                ));
+                rewriter.report.nodes_kept.push((node.name().to_owned(), node.op_type().to_owned(), reason.clone()));
             }
             Decision::Neutral => {}
         }
@@ -442,32 +368,20 @@ fn convert_graph(
                 if !is_float(&types, &name) {
                     continue;
                 }
-                let resolved =
-                    rewriter.resolve(&name, precision, graph, &mut new_initializers, &mut rebuilt);
+                let resolved = rewriter.resolve(&name, precision, graph, &mut new_initializers, &mut rebuilt);
                 node.input[slot] = resolved;
             }
             if has_subgraph(&node) {
                 // Outer values a subgraph reads must arrive in FP32, like explicit inputs.
-                let reads: Vec<String> = node_reads(&node)
-                    .into_iter()
-                    .filter(|n| is_float(&types, n))
-                    .collect();
+                let reads: Vec<String> = node_reads(&node).into_iter().filter(|n| is_float(&types, n)).collect();
                 for name in reads {
                     if node.input.contains(&name) {
                         continue;
                     }
-                    let resolved = rewriter.resolve(
-                        &name,
-                        Precision::Fp32,
-                        graph,
-                        &mut new_initializers,
-                        &mut rebuilt,
-                    );
+                    let resolved = rewriter.resolve(&name, Precision::Fp32, graph, &mut new_initializers, &mut rebuilt);
                     if resolved != name {
                         for attribute in &mut node.attribute {
-                            for subgraph in
-                                attribute.g.iter_mut().chain(attribute.graphs.iter_mut())
-                            {
+                            for subgraph in attribute.g.iter_mut().chain(attribute.graphs.iter_mut()) {
                                 rename_value(subgraph, &name, &resolved);
                             }
                         }
@@ -504,14 +418,7 @@ fn convert_graph(
         let node = &mut graph.node[position];
         for attribute in &mut node.attribute {
             for subgraph in attribute.g.iter_mut().chain(attribute.graphs.iter_mut()) {
-                convert_graph(
-                    subgraph,
-                    &subgraph_outer,
-                    rules,
-                    Scope::Subgraph,
-                    rewriter.names,
-                    rewriter.report,
-                )?;
+                convert_graph(subgraph, &subgraph_outer, rules, Scope::Subgraph, rewriter.names, rewriter.report)?;
             }
         }
     }
@@ -583,8 +490,7 @@ impl Rewriter<'_, '_> {
             self.report.values_clamped += narrow_to_f16(&mut copy).map_or(0, |n| n.clamped);
             self.report.initializer_copies += 1;
             new_initializers.push(copy);
-            self.initializer_copies
-                .insert(value.to_owned(), name.clone());
+            self.initializer_copies.insert(value.to_owned(), name.clone());
             self.home.insert(name.clone(), Precision::Fp16);
             return name;
         }
@@ -594,8 +500,7 @@ impl Rewriter<'_, '_> {
         let name = self.names.fresh(&format!("{value}_{}", suffix(precision)));
         nodes.push(cast_node(self.names, value, &name, precision));
         self.report.casts_inserted += 1;
-        self.casts
-            .insert((value.to_owned(), precision), name.clone());
+        self.casts.insert((value.to_owned(), precision), name.clone());
         self.home.insert(name.clone(), precision);
         name
     }
@@ -653,25 +558,12 @@ fn convert_node_attributes(node: &mut NodeProto) -> usize {
     }
     for attribute in &mut node.attribute {
         match attribute.name() {
-            "dtype" if attribute.i == Some(i64::from(elem::FLOAT)) => {
-                attribute.i = Some(i64::from(elem::FLOAT16))
-            }
+            "dtype" if attribute.i == Some(i64::from(elem::FLOAT)) => attribute.i = Some(i64::from(elem::FLOAT16)),
             "value_float" | "value_floats" if op == "Constant" => {
-                let values: Vec<f32> = attribute
-                    .f
-                    .map(|f| vec![f])
-                    .unwrap_or_else(|| attribute.floats.clone());
-                let dims = if attribute.name() == "value_float" {
-                    vec![]
-                } else {
-                    vec![values.len() as i64]
-                };
-                let mut tensor = TensorProto {
-                    dims,
-                    data_type: Some(elem::FLOAT),
-                    float_data: values,
-                    ..Default::default()
-                };
+                let values: Vec<f32> = attribute.f.map(|f| vec![f]).unwrap_or_else(|| attribute.floats.clone());
+                let dims = if attribute.name() == "value_float" { vec![] } else { vec![values.len() as i64] };
+                let mut tensor =
+                    TensorProto { dims, data_type: Some(elem::FLOAT), float_data: values, ..Default::default() };
                 clamped += narrow_to_f16(&mut tensor).map_or(0, |n| n.clamped);
                 *attribute = AttributeProto {
                     name: Some("value".to_owned()),
@@ -693,20 +585,11 @@ fn convert_node_attributes(node: &mut NodeProto) -> usize {
     clamped
 }
 
-fn decide(
-    graph: &GraphProto,
-    types: &ElemTypes,
-    index: &GraphIndex,
-    rules: &Rules<'_>,
-    scope: Scope,
-) -> Vec<Decision> {
+fn decide(graph: &GraphProto, types: &ElemTypes, index: &GraphIndex, rules: &Rules<'_>, scope: Scope) -> Vec<Decision> {
     let options = rules.options;
     let nodes = &graph.node;
     let touches_float = |node: &NodeProto| {
-        node.input
-            .iter()
-            .chain(&node.output)
-            .any(|name| is_float(types, name))
+        node.input.iter().chain(&node.output).any(|name| is_float(types, name))
             || (has_subgraph(node) && node_reads(node).iter().any(|name| is_float(types, name)))
     };
     let (first, last) = if scope == Scope::Main && options.keep_first_and_last_layers {
@@ -714,11 +597,8 @@ fn decide(
     } else {
         (HashSet::new(), HashSet::new())
     };
-    let norm_nodes = if options.keep_normalization_subgraphs {
-        normalization_subgraph_nodes(graph, index)
-    } else {
-        HashSet::new()
-    };
+    let norm_nodes =
+        if options.keep_normalization_subgraphs { normalization_subgraph_nodes(graph, index) } else { HashSet::new() };
     let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
 
     let mut decisions: Vec<Decision> = nodes
@@ -757,19 +637,13 @@ fn decide(
             }
             if options.keep_embeddings
                 && op == "Gather"
-                && node
-                    .input
-                    .first()
-                    .is_some_and(|i| initializers.contains(i.as_str()) && is_float(types, i))
+                && node.input.first().is_some_and(|i| initializers.contains(i.as_str()) && is_float(types, i))
             {
                 return Decision::Keep(KeepReason::Embedding);
             }
             if options.keep_attention_probabilities
                 && matches!(op, "MatMul" | "Einsum")
-                && node
-                    .input
-                    .iter()
-                    .any(|input| comes_from_softmax(graph, index, input))
+                && node.input.iter().any(|input| comes_from_softmax(graph, index, input))
             {
                 return Decision::Keep(KeepReason::AttentionProbabilities);
             }
@@ -802,10 +676,7 @@ fn decide(
 }
 
 /// Compute nodes with no compute node upstream (first) and none downstream (last).
-fn first_and_last_compute(
-    graph: &GraphProto,
-    index: &GraphIndex,
-) -> (HashSet<usize>, HashSet<usize>) {
+fn first_and_last_compute(graph: &GraphProto, index: &GraphIndex) -> (HashSet<usize>, HashSet<usize>) {
     let nodes = &graph.node;
     let is_compute = |n: &NodeProto| COMPUTE_OPS.contains(&n.op_type());
     let mut upstream = vec![false; nodes.len()];
@@ -823,12 +694,8 @@ fn first_and_last_compute(
             .flat_map(|output| index.consumers(output))
             .any(|&consumer| downstream[consumer] || is_compute(&nodes[consumer]));
     }
-    let first = (0..nodes.len())
-        .filter(|&i| is_compute(&nodes[i]) && !upstream[i])
-        .collect();
-    let last = (0..nodes.len())
-        .filter(|&i| is_compute(&nodes[i]) && !downstream[i])
-        .collect();
+    let first = (0..nodes.len()).filter(|&i| is_compute(&nodes[i]) && !upstream[i]).collect();
+    let last = (0..nodes.len()).filter(|&i| is_compute(&nodes[i]) && !downstream[i]).collect();
     (first, last)
 }
 

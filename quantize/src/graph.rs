@@ -8,20 +8,13 @@ use crate::onnx::{GraphProto, NodeProto, type_proto};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GraphError {
-    #[error(
-        "graph '{graph}' has a cycle or a value used before it is produced (involving node '{node}')"
-    )]
+    #[error("graph '{graph}' has a cycle or a value used before it is produced (involving node '{node}')")]
     Cycle { graph: String, node: String },
 }
 
 /// Every name a node reads: its inputs and the outer-scope values its subgraphs use.
 pub fn node_reads(node: &NodeProto) -> Vec<String> {
-    let mut reads: Vec<String> = node
-        .input
-        .iter()
-        .filter(|name| !name.is_empty())
-        .cloned()
-        .collect();
+    let mut reads: Vec<String> = node.input.iter().filter(|name| !name.is_empty()).cloned().collect();
     for attribute in &node.attribute {
         for graph in attribute.g.iter().chain(&attribute.graphs) {
             reads.extend(outer_references(graph));
@@ -35,13 +28,7 @@ pub fn node_reads(node: &NodeProto) -> Vec<String> {
 pub fn outer_references(graph: &GraphProto) -> BTreeSet<String> {
     let mut defined: HashSet<&str> = graph.input.iter().map(|v| v.name()).collect();
     defined.extend(graph.initializer.iter().map(|t| t.name()));
-    defined.extend(
-        graph
-            .sparse_initializer
-            .iter()
-            .filter_map(|s| s.values.as_ref())
-            .map(|t| t.name()),
-    );
+    defined.extend(graph.sparse_initializer.iter().filter_map(|s| s.values.as_ref()).map(|t| t.name()));
     for node in &graph.node {
         defined.extend(node.output.iter().map(String::as_str));
     }
@@ -103,10 +90,7 @@ pub fn topological_order(graph: &GraphProto) -> Result<Vec<usize>, GraphError> {
         .iter()
         .map(|node| {
             let reads: HashSet<String> = node_reads(node).into_iter().collect();
-            reads
-                .iter()
-                .filter(|name| index.producer(name).is_some())
-                .count()
+            reads.iter().filter(|name| index.producer(name).is_some()).count()
         })
         .collect();
     let mut ready: VecDeque<usize> = (0..graph.node.len()).filter(|&i| pending[i] == 0).collect();
@@ -132,10 +116,7 @@ pub fn topological_order(graph: &GraphProto) -> Result<Vec<usize>, GraphError> {
     }
     if order.len() != graph.node.len() {
         let stuck = (0..graph.node.len()).find(|&i| !done[i]).unwrap_or(0);
-        return Err(GraphError::Cycle {
-            graph: graph.name().to_owned(),
-            node: graph.node[stuck].name().to_owned(),
-        });
+        return Err(GraphError::Cycle { graph: graph.name().to_owned(), node: graph.node[stuck].name().to_owned() });
     }
     Ok(order)
 }
@@ -143,10 +124,7 @@ pub fn topological_order(graph: &GraphProto) -> Result<Vec<usize>, GraphError> {
 /// Reorders `graph.node` topologically.
 pub fn sort_topologically(graph: &mut GraphProto) -> Result<(), GraphError> {
     let order = topological_order(graph)?;
-    let mut nodes: Vec<Option<NodeProto>> = std::mem::take(&mut graph.node)
-        .into_iter()
-        .map(Some)
-        .collect();
+    let mut nodes: Vec<Option<NodeProto>> = std::mem::take(&mut graph.node).into_iter().map(Some).collect();
     graph.node = order.into_iter().filter_map(|i| nodes[i].take()).collect();
     Ok(())
 }
@@ -166,20 +144,11 @@ impl NameGenerator {
     }
 
     fn collect(&mut self, graph: &GraphProto) {
-        self.used.extend(
-            graph
-                .input
-                .iter()
-                .chain(&graph.output)
-                .chain(&graph.value_info)
-                .map(|v| v.name().to_owned()),
-        );
-        self.used
-            .extend(graph.initializer.iter().map(|t| t.name().to_owned()));
+        self.used.extend(graph.input.iter().chain(&graph.output).chain(&graph.value_info).map(|v| v.name().to_owned()));
+        self.used.extend(graph.initializer.iter().map(|t| t.name().to_owned()));
         for node in &graph.node {
             self.used.insert(node.name().to_owned());
-            self.used
-                .extend(node.input.iter().chain(&node.output).cloned());
+            self.used.extend(node.input.iter().chain(&node.output).cloned());
             for attribute in &node.attribute {
                 for subgraph in attribute.g.iter().chain(&attribute.graphs) {
                     self.collect(subgraph);
@@ -204,18 +173,11 @@ impl NameGenerator {
 /// Returns whether a declaration was found.
 pub fn set_declared_elem_type(graph: &mut GraphProto, value: &str, elem_type: i32) -> bool {
     let mut found = false;
-    for info in graph
-        .input
-        .iter_mut()
-        .chain(graph.output.iter_mut())
-        .chain(graph.value_info.iter_mut())
-    {
+    for info in graph.input.iter_mut().chain(graph.output.iter_mut()).chain(graph.value_info.iter_mut()) {
         if info.name() != value {
             continue;
         }
-        if let Some(type_proto::Value::TensorType(tensor)) =
-            info.r#type.as_mut().and_then(|t| t.value.as_mut())
-        {
+        if let Some(type_proto::Value::TensorType(tensor)) = info.r#type.as_mut().and_then(|t| t.value.as_mut()) {
             tensor.elem_type = Some(elem_type);
             found = true;
         }
@@ -234,19 +196,11 @@ pub fn insert_on_edge(
     node: NodeProto,
 ) {
     for &position in consumer_positions {
-        for input in graph.node[position]
-            .input
-            .iter_mut()
-            .filter(|input| input.as_str() == value)
-        {
+        for input in graph.node[position].input.iter_mut().filter(|input| input.as_str() == value) {
             *input = new_value.to_owned();
         }
     }
-    let at = consumer_positions
-        .iter()
-        .copied()
-        .min()
-        .unwrap_or(graph.node.len());
+    let at = consumer_positions.iter().copied().min().unwrap_or(graph.node.len());
     graph.node.insert(at, node);
 }
 
@@ -259,9 +213,9 @@ pub fn remove_dead(graph: &mut GraphProto) -> (usize, usize) {
         let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name()).collect();
         let before = graph.node.len();
         graph.node.retain(|node| {
-            node.output.iter().any(|o| {
-                !o.is_empty() && (outputs.contains(o.as_str()) || !index.consumers(o).is_empty())
-            })
+            node.output
+                .iter()
+                .any(|o| !o.is_empty() && (outputs.contains(o.as_str()) || !index.consumers(o).is_empty()))
         });
         let removed = before - graph.node.len();
         removed_nodes += removed;
@@ -272,9 +226,7 @@ pub fn remove_dead(graph: &mut GraphProto) -> (usize, usize) {
     let index = GraphIndex::build(graph);
     let outputs: HashSet<String> = graph.output.iter().map(|o| o.name().to_owned()).collect();
     let before = graph.initializer.len();
-    graph
-        .initializer
-        .retain(|t| !index.consumers(t.name()).is_empty() || outputs.contains(t.name()));
+    graph.initializer.retain(|t| !index.consumers(t.name()).is_empty() || outputs.contains(t.name()));
     (removed_nodes, before - graph.initializer.len())
 }
 
@@ -294,10 +246,7 @@ mod tests {
     }
 
     fn value(name: &str) -> ValueInfoProto {
-        ValueInfoProto {
-            name: Some(name.into()),
-            ..Default::default()
-        }
+        ValueInfoProto { name: Some(name.into()), ..Default::default() }
     }
 
     fn graph(nodes: Vec<NodeProto>) -> GraphProto {
@@ -306,20 +255,14 @@ mod tests {
             node: nodes,
             input: vec![value("x")],
             output: vec![value("y")],
-            initializer: vec![TensorProto {
-                name: Some("w".into()),
-                ..Default::default()
-            }],
+            initializer: vec![TensorProto { name: Some("w".into()), ..Default::default() }],
             ..Default::default()
         }
     }
 
     #[test]
     fn index_and_topological_order() {
-        let mut g = graph(vec![
-            node("b", "Relu", &["a"], &["y"]),
-            node("a", "MatMul", &["x", "w"], &["a"]),
-        ]);
+        let mut g = graph(vec![node("b", "Relu", &["a"], &["y"]), node("a", "MatMul", &["x", "w"], &["a"])]);
         let index = GraphIndex::build(&g);
         assert_eq!(index.producer("a"), Some(1));
         assert_eq!(index.consumers("w"), &[1]);
@@ -330,14 +273,8 @@ mod tests {
 
     #[test]
     fn cycles_are_reported() {
-        let g = graph(vec![
-            node("a", "Add", &["x", "c"], &["b"]),
-            node("c", "Relu", &["b"], &["c"]),
-        ]);
-        assert!(matches!(
-            topological_order(&g),
-            Err(GraphError::Cycle { .. })
-        ));
+        let g = graph(vec![node("a", "Add", &["x", "c"], &["b"]), node("c", "Relu", &["b"], &["c"])]);
+        assert!(matches!(topological_order(&g), Err(GraphError::Cycle { .. })));
     }
 
     #[test]
@@ -355,9 +292,7 @@ mod tests {
         });
         let g = graph(vec![if_node]);
         assert_eq!(
-            outer_references(g.node[0].attribute[0].g.as_ref().unwrap())
-                .into_iter()
-                .collect::<Vec<_>>(),
+            outer_references(g.node[0].attribute[0].g.as_ref().unwrap()).into_iter().collect::<Vec<_>>(),
             ["w", "x"]
         );
         assert_eq!(GraphIndex::build(&g).consumers("w"), &[0]);
@@ -379,19 +314,10 @@ mod tests {
             node("b", "Relu", &["a"], &["y"]),
             node("dead", "Neg", &["a"], &["unused"]),
         ]);
-        insert_on_edge(
-            &mut g,
-            "a",
-            "a_cast",
-            &[1],
-            node("cast", "Cast", &["a"], &["a_cast"]),
-        );
+        insert_on_edge(&mut g, "a", "a_cast", &[1], node("cast", "Cast", &["a"], &["a_cast"]));
         assert_eq!(g.node[1].name(), "cast");
         assert_eq!(g.node[2].input, vec!["a_cast"]);
-        g.initializer.push(TensorProto {
-            name: Some("orphan".into()),
-            ..Default::default()
-        });
+        g.initializer.push(TensorProto { name: Some("orphan".into()), ..Default::default() });
         assert_eq!(remove_dead(&mut g), (1, 1));
         assert!(topological_order(&g).is_ok());
     }

@@ -22,9 +22,7 @@ pub mod onnx {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
-pub use model_io::{
-    ModelIoError, SaveOptions, load_model, load_model_from_bytes, save_model, to_bytes,
-};
+pub use model_io::{ModelIoError, SaveOptions, load_model, load_model_from_bytes, save_model, to_bytes};
 
 /// ONNX's element type numbers (`TensorProto.DataType`) used by the passes.
 pub mod elem {

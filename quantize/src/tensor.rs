@@ -14,11 +14,7 @@ pub fn f32_values(tensor: &TensorProto) -> Option<Vec<f32>> {
         return None;
     }
     match &tensor.raw_data {
-        Some(raw) => Some(
-            raw.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
+        Some(raw) => Some(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
         None => Some(tensor.float_data.clone()),
     }
 }
@@ -71,25 +67,15 @@ mod tests {
         assert_eq!(narrowing.clamped, 2);
         assert_eq!(tensor.data_type(), elem::FLOAT16);
         let raw = tensor.raw_data.unwrap();
-        let values: Vec<f32> = raw
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect();
+        let values: Vec<f32> = raw.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
         assert_eq!(values, vec![1.5, -65504.0, 65504.0, f32::INFINITY]);
     }
 
     #[test]
     fn float_data_field_is_read_too() {
-        let tensor = TensorProto {
-            data_type: Some(elem::FLOAT),
-            float_data: vec![2.0, 3.0],
-            ..Default::default()
-        };
+        let tensor = TensorProto { data_type: Some(elem::FLOAT), float_data: vec![2.0, 3.0], ..Default::default() };
         assert_eq!(f32_values(&tensor), Some(vec![2.0, 3.0]));
-        let ints = TensorProto {
-            data_type: Some(elem::INT64),
-            ..Default::default()
-        };
+        let ints = TensorProto { data_type: Some(elem::INT64), ..Default::default() };
         assert_eq!(f32_values(&ints), None);
     }
 }

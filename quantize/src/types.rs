@@ -20,9 +20,7 @@ pub fn declared_elem_type(info: &ValueInfoProto) -> Option<i32> {
 }
 
 pub fn attribute<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
-    node.attribute
-        .iter()
-        .find(|attribute| attribute.name() == name)
+    node.attribute.iter().find(|attribute| attribute.name() == name)
 }
 
 fn attribute_int(node: &NodeProto, name: &str) -> Option<i64> {
@@ -32,12 +30,7 @@ fn attribute_int(node: &NodeProto, name: &str) -> Option<i64> {
 /// Infers element types for `graph`, seeded with the types of outer-scope values.
 pub fn infer_elem_types(graph: &GraphProto, outer: &ElemTypes) -> ElemTypes {
     let mut types = outer.clone();
-    for info in graph
-        .input
-        .iter()
-        .chain(&graph.value_info)
-        .chain(&graph.output)
-    {
+    for info in graph.input.iter().chain(&graph.value_info).chain(&graph.output) {
         if let Some(elem_type) = declared_elem_type(info) {
             types.insert(info.name().to_owned(), elem_type);
         }
@@ -60,11 +53,7 @@ pub fn infer_elem_types(graph: &GraphProto, outer: &ElemTypes) -> ElemTypes {
 }
 
 fn input_type(node: &NodeProto, index: usize, types: &ElemTypes) -> Option<i32> {
-    node.input
-        .get(index)
-        .filter(|name| !name.is_empty())
-        .and_then(|name| types.get(name))
-        .copied()
+    node.input.get(index).filter(|name| !name.is_empty()).and_then(|name| types.get(name)).copied()
 }
 
 fn subgraph_output_types(node: &NodeProto, attribute_name: &str, skip: usize) -> Vec<Option<i32>> {
@@ -78,13 +67,7 @@ fn subgraph_output_types(node: &NodeProto, attribute_name: &str, skip: usize) ->
 pub fn node_output_types(node: &NodeProto, types: &ElemTypes) -> Vec<Option<i32>> {
     let count = node.output.len();
     let all = |elem_type: Option<i32>| vec![elem_type; count];
-    let first_known = || {
-        node.input
-            .iter()
-            .filter(|n| !n.is_empty())
-            .find_map(|n| types.get(n))
-            .copied()
-    };
+    let first_known = || node.input.iter().filter(|n| !n.is_empty()).find_map(|n| types.get(n)).copied();
     let domain = node.domain();
     if !(domain.is_empty() || domain == "ai.onnx" || domain == "com.microsoft") {
         return all(None);
@@ -92,11 +75,9 @@ pub fn node_output_types(node: &NodeProto, types: &ElemTypes) -> Vec<Option<i32>
     match node.op_type() {
         "Cast" => all(attribute_int(node, "to").map(|t| t as i32)),
         "CastLike" => all(input_type(node, 1, types)),
-        "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" | "NonMaxSuppression" => {
-            all(Some(elem::INT64))
-        }
-        "Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual" | "Not" | "And" | "Or"
-        | "Xor" | "IsNaN" | "IsInf" => all(Some(elem::BOOL)),
+        "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" | "NonMaxSuppression" => all(Some(elem::INT64)),
+        "Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual" | "Not" | "And" | "Or" | "Xor" | "IsNaN"
+        | "IsInf" => all(Some(elem::BOOL)),
         "TopK" => vec![input_type(node, 0, types), Some(elem::INT64)],
         "Unique" => {
             let mut out = all(Some(elem::INT64));
@@ -106,22 +87,14 @@ pub fn node_output_types(node: &NodeProto, types: &ElemTypes) -> Vec<Option<i32>
             out
         }
         "Constant" => all(constant_type(node)),
-        "ConstantOfShape" => all(Some(
-            attribute(node, "value")
-                .and_then(|a| a.t.as_ref())
-                .map_or(elem::FLOAT, |t| t.data_type()),
-        )),
-        "RandomNormal" | "RandomUniform" => all(Some(
-            attribute_int(node, "dtype").map_or(elem::FLOAT, |t| t as i32),
-        )),
-        "EyeLike" | "RandomNormalLike" | "RandomUniformLike" | "Bernoulli" => {
-            all(attribute_int(node, "dtype")
-                .map(|t| t as i32)
-                .or_else(|| input_type(node, 0, types)))
+        "ConstantOfShape" => {
+            all(Some(attribute(node, "value").and_then(|a| a.t.as_ref()).map_or(elem::FLOAT, |t| t.data_type())))
         }
-        "Multinomial" => all(Some(
-            attribute_int(node, "dtype").map_or(elem::INT32, |t| t as i32),
-        )),
+        "RandomNormal" | "RandomUniform" => all(Some(attribute_int(node, "dtype").map_or(elem::FLOAT, |t| t as i32))),
+        "EyeLike" | "RandomNormalLike" | "RandomUniformLike" | "Bernoulli" => {
+            all(attribute_int(node, "dtype").map(|t| t as i32).or_else(|| input_type(node, 0, types)))
+        }
+        "Multinomial" => all(Some(attribute_int(node, "dtype").map_or(elem::INT32, |t| t as i32))),
         "QuantizeLinear" => all(input_type(node, 2, types).or(Some(elem::UINT8))),
         "DequantizeLinear" => all(input_type(node, 1, types).or(Some(elem::FLOAT))),
         "DynamicQuantizeLinear" => vec![Some(elem::UINT8), Some(elem::FLOAT), Some(elem::UINT8)],

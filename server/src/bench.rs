@@ -119,9 +119,7 @@ struct PreparedInput {
 
 pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if args.batch_size == 0 || args.concurrency.contains(&0) {
-        return Err(fail(
-            "--batch-size and every --concurrency level must be at least 1",
-        ));
+        return Err(fail("--batch-size and every --concurrency level must be at least 1"));
     }
     let channel = Channel::from_shared(args.url.clone())
         .map_err(|err| fail(format!("invalid --url '{}': {err}", args.url)))?
@@ -132,35 +130,18 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     let metadata = client
-        .model_metadata(ModelMetadataRequest {
-            name: args.model.clone(),
-            version: args.model_version.clone(),
-        })
+        .model_metadata(ModelMetadataRequest { name: args.model.clone(), version: args.model_version.clone() })
         .await
-        .map_err(|status| {
-            fail(format!(
-                "ModelMetadata for '{}': {}",
-                args.model,
-                status.message()
-            ))
-        })?
+        .map_err(|status| fail(format!("ModelMetadata for '{}': {}", args.model, status.message())))?
         .into_inner();
 
     let specs: Vec<(String, DataType, Vec<i64>)> = metadata
         .inputs
         .iter()
         .map(|input| {
-            let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
-                fail(format!(
-                    "server reports unknown datatype {}",
-                    input.datatype
-                ))
-            })?;
-            let mut shape: Vec<i64> = input
-                .shape
-                .iter()
-                .map(|&dim| if dim < 0 { 1 } else { dim })
-                .collect();
+            let datatype = DataType::parse(&input.datatype)
+                .ok_or_else(|| fail(format!("server reports unknown datatype {}", input.datatype)))?;
+            let mut shape: Vec<i64> = input.shape.iter().map(|&dim| if dim < 0 { 1 } else { dim }).collect();
             if input.shape.first() == Some(&-1) {
                 shape[0] = args.batch_size as i64;
             }
@@ -169,12 +150,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         .collect::<Result<_, BenchError>>()?;
     let request_set = match &args.input_data {
         Some(path) => requests_from_npz(path, &specs, args.batch_size)?,
-        None => vec![
-            random_request(&specs),
-            random_request(&specs),
-            random_request(&specs),
-            random_request(&specs),
-        ],
+        None => vec![random_request(&specs), random_request(&specs), random_request(&specs), random_request(&specs)],
     };
     let request_set = Arc::new(request_set);
 
@@ -195,13 +171,8 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Some(store) => Some(run_in_process(store, &args, &request_set).await?),
         None => None,
     };
-    let best = levels
-        .iter()
-        .map(|level| level.inferences_per_second)
-        .fold(0.0, f64::max);
-    let ratio = in_process
-        .as_ref()
-        .map(|report| best / report.inferences_per_second);
+    let best = levels.iter().map(|level| level.inferences_per_second).fold(0.0, f64::max);
+    let ratio = in_process.as_ref().map(|report| best / report.inferences_per_second);
     let report = BenchReport {
         model: args.model.clone(),
         model_version: args.model_version.clone(),
@@ -211,10 +182,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         server_to_in_process_ratio: ratio,
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|err| fail(err.to_string()))?
-        );
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|err| fail(err.to_string()))?);
     } else {
         print_table(&report);
     }
@@ -228,24 +196,16 @@ fn random_request(specs: &[(String, DataType, Vec<i64>)]) -> Vec<PreparedInput> 
         .map(|(name, datatype, shape)| {
             let elements: usize = shape.iter().map(|&dim| dim as usize).product();
             let raw = match datatype {
-                DataType::Fp32 => (0..elements)
-                    .flat_map(|_| rng.random::<f32>().to_le_bytes())
-                    .collect(),
-                DataType::Fp64 => (0..elements)
-                    .flat_map(|_| rng.random::<f64>().to_le_bytes())
-                    .collect(),
-                DataType::Fp16 => (0..elements)
-                    .flat_map(|_| half::f16::from_f32(rng.random::<f32>()).to_le_bytes())
-                    .collect(),
-                DataType::Bf16 => (0..elements)
-                    .flat_map(|_| half::bf16::from_f32(rng.random::<f32>()).to_le_bytes())
-                    .collect(),
-                DataType::Bool => (0..elements)
-                    .map(|_| u8::from(rng.random::<bool>()))
-                    .collect(),
-                DataType::Bytes => {
-                    crate::contents::join_bytes_elements(&vec![b"mantissa".to_vec(); elements])
+                DataType::Fp32 => (0..elements).flat_map(|_| rng.random::<f32>().to_le_bytes()).collect(),
+                DataType::Fp64 => (0..elements).flat_map(|_| rng.random::<f64>().to_le_bytes()).collect(),
+                DataType::Fp16 => {
+                    (0..elements).flat_map(|_| half::f16::from_f32(rng.random::<f32>()).to_le_bytes()).collect()
                 }
+                DataType::Bf16 => {
+                    (0..elements).flat_map(|_| half::bf16::from_f32(rng.random::<f32>()).to_le_bytes()).collect()
+                }
+                DataType::Bool => (0..elements).map(|_| u8::from(rng.random::<bool>())).collect(),
+                DataType::Bytes => crate::contents::join_bytes_elements(&vec![b"mantissa".to_vec(); elements]),
                 // Small non-negative integers are valid for index-like inputs too.
                 other => {
                     let size = other.element_size().unwrap_or(1);
@@ -258,12 +218,7 @@ fn random_request(specs: &[(String, DataType, Vec<i64>)]) -> Vec<PreparedInput> 
                         .collect()
                 }
             };
-            PreparedInput {
-                name: name.clone(),
-                datatype: *datatype,
-                shape: shape.clone(),
-                raw,
-            }
+            PreparedInput { name: name.clone(), datatype: *datatype, shape: shape.clone(), raw }
         })
         .collect()
 }
@@ -276,8 +231,7 @@ fn requests_from_npz(
     use ndarray::{ArrayD, IxDyn, OwnedRepr};
     use ndarray_npy::NpzReader;
 
-    let file =
-        std::fs::File::open(path).map_err(|err| fail(format!("{}: {err}", path.display())))?;
+    let file = std::fs::File::open(path).map_err(|err| fail(format!("{}: {err}", path.display())))?;
     let mut npz = NpzReader::new(file).map_err(|err| fail(format!("{}: {err}", path.display())))?;
     let mut columns: Vec<(Vec<u8>, Vec<usize>, usize)> = Vec::new();
     for (name, datatype, _) in specs {
@@ -286,12 +240,7 @@ fn requests_from_npz(
                 let array: ArrayD<$t> = npz
                     .by_name::<OwnedRepr<$t>, IxDyn>(name)
                     .or_else(|_| npz.by_name::<OwnedRepr<$t>, IxDyn>(&format!("{name}.npy")))
-                    .map_err(|err| {
-                        fail(format!(
-                            "{}: input '{name}' as {datatype}: {err}",
-                            path.display()
-                        ))
-                    })?;
+                    .map_err(|err| fail(format!("{}: input '{name}' as {datatype}: {err}", path.display())))?;
                 let shape = array.shape().to_vec();
                 let bytes: Vec<u8> = array.iter().flat_map(|v| v.to_le_bytes()).collect();
                 (bytes, shape, std::mem::size_of::<$t>())
@@ -305,23 +254,14 @@ fn requests_from_npz(
             DataType::Uint8 => read!(u8),
             DataType::Int8 => read!(i8),
             other => {
-                return Err(fail(format!(
-                    "--input-data does not support {other} inputs; use random data"
-                )));
+                return Err(fail(format!("--input-data does not support {other} inputs; use random data")));
             }
         };
         columns.push(column);
     }
-    let rows = columns
-        .iter()
-        .map(|(_, shape, _)| shape.first().copied().unwrap_or(0))
-        .min()
-        .unwrap_or(0);
+    let rows = columns.iter().map(|(_, shape, _)| shape.first().copied().unwrap_or(0)).min().unwrap_or(0);
     if rows < batch {
-        return Err(fail(format!(
-            "{} holds {rows} rows, fewer than --batch-size {batch}",
-            path.display()
-        )));
+        return Err(fail(format!("{} holds {rows} rows, fewer than --batch-size {batch}", path.display())));
     }
     let mut requests = Vec::new();
     for start in (0..=rows - batch).step_by(batch) {
@@ -377,19 +317,12 @@ async fn run_level(
     warmup: Option<Duration>,
 ) -> LevelReport {
     let duration = warmup.unwrap_or(args.duration);
-    let budget = if warmup.is_some() {
-        None
-    } else {
-        args.requests
-    };
+    let budget = if warmup.is_some() { None } else { args.requests };
     let issued = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + duration;
     // In rate mode each request has a scheduled send time; latency counts from it.
-    let interval = args
-        .rate
-        .filter(|rate| *rate > 0.0)
-        .map(|rate| Duration::from_secs_f64(1.0 / rate));
+    let interval = args.rate.filter(|rate| *rate > 0.0).map(|rate| Duration::from_secs_f64(1.0 / rate));
     let mut tasks = Vec::with_capacity(concurrency);
     for worker in 0..concurrency {
         let mut client = client.clone();
@@ -419,21 +352,14 @@ async fn run_level(
                     break;
                 }
                 let inputs = &request_set[(ticket as usize + worker) % request_set.len()];
-                let result = client
-                    .model_infer(wire_request(&model, &version, inputs))
-                    .await;
+                let result = client.model_infer(wire_request(&model, &version, inputs)).await;
                 let micros = scheduled.elapsed().as_micros() as u64;
                 match result {
                     Ok(_) => {
                         let _ = tally.latencies.record(micros.max(1));
                         tally.done += 1;
                     }
-                    Err(status) => {
-                        *tally
-                            .errors
-                            .entry(format!("{:?}", status.code()))
-                            .or_default() += 1
-                    }
+                    Err(status) => *tally.errors.entry(format!("{:?}", status.code())).or_default() += 1,
                 }
             }
             tally
@@ -474,33 +400,21 @@ async fn run_in_process(
     args: &BenchArgs,
     request_set: &Arc<Vec<Vec<PreparedInput>>>,
 ) -> Result<InProcessReport, BenchError> {
-    let entries =
-        mantissa_model_store::scan_repository(store).map_err(|err| fail(err.to_string()))?;
+    let entries = mantissa_model_store::scan_repository(store).map_err(|err| fail(err.to_string()))?;
     let entry = entries
         .into_iter()
         .find(|entry| entry.name == args.model)
-        .ok_or_else(|| {
-            fail(format!(
-                "model '{}' is not in {}",
-                args.model,
-                store.display()
-            ))
-        })?;
-    let version = if args.model_version.is_empty() {
-        entry.policy.default_variant.clone()
-    } else {
-        args.model_version.clone()
-    };
+        .ok_or_else(|| fail(format!("model '{}' is not in {}", args.model, store.display())))?;
+    let version =
+        if args.model_version.is_empty() { entry.policy.default_variant.clone() } else { args.model_version.clone() };
     let spec = entry
         .policy
         .variant(&version)
         .ok_or_else(|| fail(format!("model '{}' has no variant '{version}'", args.model)))?
         .clone();
-    let library = crate::ort_runtime::locate_library(args.ort_library.as_deref())
-        .map_err(|err| fail(err.to_string()))?;
-    let environment = Arc::new(
-        crate::ort_runtime::init_environment(&library).map_err(|err| fail(err.to_string()))?,
-    );
+    let library =
+        crate::ort_runtime::locate_library(args.ort_library.as_deref()).map_err(|err| fail(err.to_string()))?;
+    let environment = Arc::new(crate::ort_runtime::init_environment(&library).map_err(|err| fail(err.to_string()))?);
     let requests: Vec<ValidRequest> = request_set
         .iter()
         .map(|inputs| ValidRequest {
@@ -570,9 +484,7 @@ async fn run_in_process(
         let mut total = 0;
         let mut seconds: f64 = 0.0;
         for handle in handles {
-            let (count, elapsed) = handle
-                .join()
-                .map_err(|_| "in-process worker panicked".to_owned())??;
+            let (count, elapsed) = handle.join().map_err(|_| "in-process worker panicked".to_owned())??;
             total += count;
             seconds = seconds.max(elapsed);
         }
@@ -592,10 +504,7 @@ async fn run_in_process(
 }
 
 fn print_table(report: &BenchReport) {
-    println!(
-        "model {} version '{}' batch {}",
-        report.model, report.model_version, report.batch_size
-    );
+    println!("model {} version '{}' batch {}", report.model, report.model_version, report.batch_size);
     println!(
         "{:>11} {:>9} {:>7} {:>12} {:>10} {:>10} {:>10} {:>10}",
         "concurrency", "requests", "errors", "infer/s", "mean ms", "p50 ms", "p90 ms", "p99 ms"
@@ -620,10 +529,7 @@ fn print_table(report: &BenchReport) {
     if let Some(in_process) = &report.in_process {
         println!(
             "in-process ONNX Runtime: {:.1} infer/s ({} instances x {} intra-op threads, {} runs)",
-            in_process.inferences_per_second,
-            in_process.instances,
-            in_process.intra_op_threads,
-            in_process.runs
+            in_process.inferences_per_second, in_process.instances, in_process.intra_op_threads, in_process.runs
         );
     }
     if let Some(ratio) = report.server_to_in_process_ratio {

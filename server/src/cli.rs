@@ -21,21 +21,10 @@ optional policy.yaml naming its variants and serving settings."
 )]
 pub struct Cli {
     /// Log line format.
-    #[arg(
-        long,
-        value_enum,
-        env = "MANTISSA_LOG_FORMAT",
-        default_value = "text",
-        global = true
-    )]
+    #[arg(long, value_enum, env = "MANTISSA_LOG_FORMAT", default_value = "text", global = true)]
     pub log_format: LogFormat,
     /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `mantissa=debug`.
-    #[arg(
-        long,
-        env = "MANTISSA_LOG",
-        default_value = "info,ort=warn",
-        global = true
-    )]
+    #[arg(long, env = "MANTISSA_LOG", default_value = "info,ort=warn", global = true)]
     pub log: String,
     #[command(subcommand)]
     pub command: Command,
@@ -100,21 +89,15 @@ impl ServeArgs {
 /// Parses durations like `500ms`, `10s`, `2m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("expected a duration like 500ms, 10s or 2m, got '{text}'"))?;
+    let value: f64 = number.parse().map_err(|_| format!("expected a duration like 500ms, 10s or 2m, got '{text}'"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "s" | "" => value,
         "m" => value * 60.0,
         _ => {
-            return Err(format!(
-                "unknown duration unit '{unit}' in '{text}' (use ms, s or m)"
-            ));
+            return Err(format!("unknown duration unit '{unit}' in '{text}' (use ms, s or m)"));
         }
     };
     Ok(Duration::from_secs_f64(seconds))

@@ -19,11 +19,7 @@ pub fn split_bytes_elements(raw: &[u8]) -> Result<Vec<Vec<u8>>, String> {
         };
         let length = u32::from_le_bytes(*length) as usize;
         if tail.len() < length {
-            return Err(format!(
-                "element {} declares {length} bytes but only {} remain",
-                elements.len(),
-                tail.len()
-            ));
+            return Err(format!("element {} declares {length} bytes but only {} remain", elements.len(), tail.len()));
         }
         elements.push(tail[..length].to_vec());
         rest = &tail[length..];
@@ -88,11 +84,7 @@ pub enum TensorData {
 
 /// Converts typed contents to raw bytes, checking that exactly the right field is used, that
 /// it holds `elements` values and that each value fits the datatype.
-pub fn typed_to_raw(
-    contents: &InferTensorContents,
-    datatype: DataType,
-    elements: usize,
-) -> Result<Vec<u8>, String> {
+pub fn typed_to_raw(contents: &InferTensorContents, datatype: DataType, elements: usize) -> Result<Vec<u8>, String> {
     let Some(expected_field) = contents_field_for(datatype) else {
         return Err(format!(
             "{datatype} data must be sent in raw_input_contents (no typed contents field exists for it)"
@@ -100,9 +92,7 @@ pub fn typed_to_raw(
     };
     let populated = populated_fields(contents);
     if let Some(wrong) = populated.iter().find(|field| **field != expected_field) {
-        return Err(format!(
-            "{datatype} data must be in {expected_field}, got {wrong}"
-        ));
+        return Err(format!("{datatype} data must be in {expected_field}, got {wrong}"));
     }
     let count = match datatype {
         DataType::Bool => contents.bool_contents.len(),
@@ -116,19 +106,12 @@ pub fn typed_to_raw(
         DataType::Fp16 | DataType::Bf16 => 0,
     };
     if count != elements {
-        return Err(format!(
-            "{expected_field} holds {count} values, expected {elements} for the given shape"
-        ));
+        return Err(format!("{expected_field} holds {count} values, expected {elements} for the given shape"));
     }
-    let out_of_range = |index: usize, value: i128| {
-        format!("{expected_field}[{index}] = {value} is out of range for {datatype}")
-    };
+    let out_of_range =
+        |index: usize, value: i128| format!("{expected_field}[{index}] = {value} is out of range for {datatype}");
     Ok(match datatype {
-        DataType::Bool => contents
-            .bool_contents
-            .iter()
-            .map(|&b| u8::from(b))
-            .collect(),
+        DataType::Bool => contents.bool_contents.iter().map(|&b| u8::from(b)).collect(),
         DataType::Int8 => {
             let mut raw = Vec::with_capacity(elements);
             for (index, &value) in contents.int_contents.iter().enumerate() {
@@ -139,22 +122,13 @@ pub fn typed_to_raw(
         DataType::Int16 => {
             let mut raw = Vec::with_capacity(elements * 2);
             for (index, &value) in contents.int_contents.iter().enumerate() {
-                let narrowed =
-                    i16::try_from(value).map_err(|_| out_of_range(index, value.into()))?;
+                let narrowed = i16::try_from(value).map_err(|_| out_of_range(index, value.into()))?;
                 raw.extend_from_slice(&narrowed.to_le_bytes());
             }
             raw
         }
-        DataType::Int32 => contents
-            .int_contents
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DataType::Int64 => contents
-            .int64_contents
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
+        DataType::Int32 => contents.int_contents.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DataType::Int64 => contents.int64_contents.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DataType::Uint8 => {
             let mut raw = Vec::with_capacity(elements);
             for (index, &value) in contents.uint_contents.iter().enumerate() {
@@ -165,32 +139,15 @@ pub fn typed_to_raw(
         DataType::Uint16 => {
             let mut raw = Vec::with_capacity(elements * 2);
             for (index, &value) in contents.uint_contents.iter().enumerate() {
-                let narrowed =
-                    u16::try_from(value).map_err(|_| out_of_range(index, value.into()))?;
+                let narrowed = u16::try_from(value).map_err(|_| out_of_range(index, value.into()))?;
                 raw.extend_from_slice(&narrowed.to_le_bytes());
             }
             raw
         }
-        DataType::Uint32 => contents
-            .uint_contents
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DataType::Uint64 => contents
-            .uint64_contents
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DataType::Fp32 => contents
-            .fp32_contents
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DataType::Fp64 => contents
-            .fp64_contents
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
+        DataType::Uint32 => contents.uint_contents.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DataType::Uint64 => contents.uint64_contents.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DataType::Fp32 => contents.fp32_contents.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DataType::Fp64 => contents.fp64_contents.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DataType::Bytes => join_bytes_elements(&contents.bytes_contents),
         DataType::Fp16 | DataType::Bf16 => unreachable!("rejected above: no typed field"),
     })
@@ -211,67 +168,34 @@ mod tests {
     fn truncated_bytes_are_rejected() {
         let mut raw = join_bytes_elements(&[b"hello"]);
         raw.pop();
-        assert!(
-            split_bytes_elements(&raw)
-                .unwrap_err()
-                .contains("declares 5 bytes but only 4 remain")
-        );
-        assert!(
-            split_bytes_elements(&[1, 0])
-                .unwrap_err()
-                .contains("truncated")
-        );
+        assert!(split_bytes_elements(&raw).unwrap_err().contains("declares 5 bytes but only 4 remain"));
+        assert!(split_bytes_elements(&[1, 0]).unwrap_err().contains("truncated"));
     }
 
     #[test]
     fn typed_contents_convert_to_little_endian() {
-        let contents = InferTensorContents {
-            int_contents: vec![1, -2],
-            ..Default::default()
-        };
-        assert_eq!(
-            typed_to_raw(&contents, DataType::Int16, 2).unwrap(),
-            vec![1, 0, 0xfe, 0xff]
-        );
-        let contents = InferTensorContents {
-            fp32_contents: vec![1.5],
-            ..Default::default()
-        };
-        assert_eq!(
-            typed_to_raw(&contents, DataType::Fp32, 1).unwrap(),
-            1.5f32.to_le_bytes().to_vec()
-        );
+        let contents = InferTensorContents { int_contents: vec![1, -2], ..Default::default() };
+        assert_eq!(typed_to_raw(&contents, DataType::Int16, 2).unwrap(), vec![1, 0, 0xfe, 0xff]);
+        let contents = InferTensorContents { fp32_contents: vec![1.5], ..Default::default() };
+        assert_eq!(typed_to_raw(&contents, DataType::Fp32, 1).unwrap(), 1.5f32.to_le_bytes().to_vec());
     }
 
     #[test]
     fn typed_contents_errors_name_the_problem() {
-        let contents = InferTensorContents {
-            int_contents: vec![300],
-            ..Default::default()
-        };
+        let contents = InferTensorContents { int_contents: vec![300], ..Default::default() };
         assert!(
             typed_to_raw(&contents, DataType::Int8, 1)
                 .unwrap_err()
                 .contains("int_contents[0] = 300 is out of range for INT8")
         );
-        let contents = InferTensorContents {
-            int64_contents: vec![1],
-            ..Default::default()
-        };
+        let contents = InferTensorContents { int64_contents: vec![1], ..Default::default() };
         assert!(
             typed_to_raw(&contents, DataType::Fp32, 1)
                 .unwrap_err()
                 .contains("must be in fp32_contents, got int64_contents")
         );
-        let contents = InferTensorContents {
-            fp32_contents: vec![1.0; 3],
-            ..Default::default()
-        };
-        assert!(
-            typed_to_raw(&contents, DataType::Fp32, 4)
-                .unwrap_err()
-                .contains("holds 3 values, expected 4")
-        );
+        let contents = InferTensorContents { fp32_contents: vec![1.0; 3], ..Default::default() };
+        assert!(typed_to_raw(&contents, DataType::Fp32, 4).unwrap_err().contains("holds 3 values, expected 4"));
         assert!(
             typed_to_raw(&InferTensorContents::default(), DataType::Fp16, 1)
                 .unwrap_err()

@@ -65,9 +65,7 @@ impl DataType {
     }
 
     pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|datatype| datatype.as_str() == name)
+        Self::ALL.into_iter().find(|datatype| datatype.as_str() == name)
     }
 
     /// Bytes per element, or `None` for variable-length BYTES.

@@ -7,32 +7,15 @@ use tonic::{Code, Status};
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ServeError {
     #[error("unknown model '{model}'; this server has {available:?}")]
-    ModelNotFound {
-        model: String,
-        available: Vec<String>,
-    },
+    ModelNotFound { model: String, available: Vec<String> },
     #[error("model '{model}' has no version '{version}'; available versions: {available:?}")]
-    VersionNotFound {
-        model: String,
-        version: String,
-        available: Vec<String>,
-    },
+    VersionNotFound { model: String, version: String, available: Vec<String> },
     #[error("model '{model}' version '{version}' is not ready: {reason}")]
-    NotReady {
-        model: String,
-        version: String,
-        reason: String,
-    },
+    NotReady { model: String, version: String, reason: String },
     #[error("{0}")]
     InvalidArgument(String),
-    #[error(
-        "model '{model}' version '{version}': queue is full ({capacity} requests waiting); retry later"
-    )]
-    QueueFull {
-        model: String,
-        version: String,
-        capacity: usize,
-    },
+    #[error("model '{model}' version '{version}': queue is full ({capacity} requests waiting); retry later")]
+    QueueFull { model: String, version: String, capacity: usize },
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("ONNX Runtime failed: {0}")]

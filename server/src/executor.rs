@@ -34,24 +34,16 @@ pub struct OutputTensor {
     pub raw: Vec<u8>,
 }
 
-pub fn open_session(
-    environment: &Environment,
-    model: &Path,
-    config: SessionConfig,
-) -> Result<Session, String> {
+pub fn open_session(environment: &Environment, model: &Path, config: SessionConfig) -> Result<Session, String> {
     let describe = |err: ort::Error| err.to_string();
     let mut builder = Session::builder(environment)
         .map_err(describe)?
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(|err| err.to_string())?;
     if config.intra_op_threads > 0 {
-        builder = builder
-            .with_intra_threads(config.intra_op_threads as usize)
-            .map_err(|err| err.to_string())?;
+        builder = builder.with_intra_threads(config.intra_op_threads as usize).map_err(|err| err.to_string())?;
     }
-    builder = builder
-        .with_intra_op_spinning(config.intra_op_spinning)
-        .map_err(|err| err.to_string())?;
+    builder = builder.with_intra_op_spinning(config.intra_op_spinning).map_err(|err| err.to_string())?;
     builder.commit_from_file(model).map_err(describe)
 }
 
@@ -61,21 +53,13 @@ fn specs_of(outlets: &[ort::value::Outlet], what: &str) -> Result<Vec<TensorSpec
         .map(|outlet| match outlet.dtype() {
             ValueType::Tensor { ty, shape, .. } => {
                 let datatype = DataType::from_onnx(*ty).ok_or_else(|| {
-                    format!(
-                        "{what} '{}' has element type {ty:?}, which has no KServe datatype",
-                        outlet.name()
-                    )
+                    format!("{what} '{}' has element type {ty:?}, which has no KServe datatype", outlet.name())
                 })?;
-                Ok(TensorSpec {
-                    name: outlet.name().to_owned(),
-                    datatype,
-                    dims: shape.iter().copied().collect(),
-                })
+                Ok(TensorSpec { name: outlet.name().to_owned(), datatype, dims: shape.iter().copied().collect() })
             }
-            other => Err(format!(
-                "{what} '{}' is a {other:?}, not a tensor; only tensors can be served",
-                outlet.name()
-            )),
+            other => {
+                Err(format!("{what} '{}' is a {other:?}, not a tensor; only tensors can be served", outlet.name()))
+            }
         })
         .collect()
 }
@@ -100,31 +84,17 @@ pub fn signature_of(
         None if can_batch => default_batch,
         None => 0,
     };
-    Ok(ModelSignature {
-        inputs,
-        outputs,
-        max_batch_size,
-    })
+    Ok(ModelSignature { inputs, outputs, max_batch_size })
 }
 
 fn input_value(input: &ValidInput) -> Result<DynValue, ort::Error> {
     match &input.data {
         TensorData::Raw(raw) => {
-            let mut tensor = DynTensor::new(
-                &Allocator::default(),
-                input.datatype.to_onnx(),
-                input.shape.clone(),
-            )?;
+            let mut tensor = DynTensor::new(&Allocator::default(), input.datatype.to_onnx(), input.shape.clone())?;
             if !raw.is_empty() {
                 // SAFETY: the tensor was allocated on the CPU for exactly `shape x element size`
                 // bytes, which validation checked `raw` holds.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        raw.as_ptr(),
-                        tensor.data_ptr_mut().cast::<u8>(),
-                        raw.len(),
-                    )
-                };
+                unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), tensor.data_ptr_mut().cast::<u8>(), raw.len()) };
             }
             Ok(tensor.into_dyn())
         }
@@ -137,15 +107,10 @@ fn input_value(input: &ValidInput) -> Result<DynValue, ort::Error> {
 
 fn output_tensor(spec: &TensorSpec, value: &DynValue) -> Result<OutputTensor, ServeError> {
     let fail = |why: String| ServeError::Execution(format!("output '{}': {why}", spec.name));
-    let tensor = value
-        .view()
-        .downcast::<ort::value::DynTensorValueType>()
-        .map_err(|err| fail(err.to_string()))?;
+    let tensor = value.view().downcast::<ort::value::DynTensorValueType>().map_err(|err| fail(err.to_string()))?;
     let shape: Vec<i64> = tensor.shape().iter().copied().collect();
     let raw = if spec.datatype == DataType::Bytes {
-        let (_, strings) = value
-            .try_extract_strings()
-            .map_err(|err| fail(err.to_string()))?;
+        let (_, strings) = value.try_extract_strings().map_err(|err| fail(err.to_string()))?;
         join_bytes_elements(&strings)
     } else {
         let size = tensor.size().unwrap_or(0);
@@ -157,12 +122,7 @@ fn output_tensor(spec: &TensorSpec, value: &DynValue) -> Result<OutputTensor, Se
             unsafe { std::slice::from_raw_parts(pointer, size) }.to_vec()
         }
     };
-    Ok(OutputTensor {
-        name: spec.name.clone(),
-        datatype: spec.datatype,
-        shape,
-        raw,
-    })
+    Ok(OutputTensor { name: spec.name.clone(), datatype: spec.datatype, shape, raw })
 }
 
 /// Runs `request` and returns the requested outputs in the order the client asked for them.
@@ -173,21 +133,18 @@ pub fn execute(
 ) -> Result<Vec<OutputTensor>, ServeError> {
     let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(request.inputs.len());
     for (spec, input) in signature.inputs.iter().zip(&request.inputs) {
-        let value = input_value(input)
-            .map_err(|err| ServeError::Execution(format!("input '{}': {err}", spec.name)))?;
+        let value = input_value(input).map_err(|err| ServeError::Execution(format!("input '{}': {err}", spec.name)))?;
         inputs.push((spec.name.as_str(), value.into()));
     }
-    let outputs = session
-        .run(inputs)
-        .map_err(|err| ServeError::Execution(err.to_string()))?;
+    let outputs = session.run(inputs).map_err(|err| ServeError::Execution(err.to_string()))?;
     request
         .outputs
         .iter()
         .map(|&index| {
             let spec = &signature.outputs[index];
-            let value = outputs.get(&spec.name).ok_or_else(|| {
-                ServeError::Execution(format!("output '{}' missing from the run", spec.name))
-            })?;
+            let value = outputs
+                .get(&spec.name)
+                .ok_or_else(|| ServeError::Execution(format!("output '{}' missing from the run", spec.name)))?;
             output_tensor(spec, value)
         })
         .collect()
@@ -200,26 +157,14 @@ pub fn warmup_request(signature: &ModelSignature) -> ValidRequest {
         .inputs
         .iter()
         .map(|spec| {
-            let shape: Vec<i64> = spec
-                .dims
-                .iter()
-                .map(|&dim| if dim < 0 { 1 } else { dim })
-                .collect();
+            let shape: Vec<i64> = spec.dims.iter().map(|&dim| if dim < 0 { 1 } else { dim }).collect();
             let elements: usize = shape.iter().map(|&dim| dim as usize).product();
             let data = match spec.datatype.element_size() {
                 Some(size) => TensorData::Raw(vec![0; elements * size]),
                 None => TensorData::Strings(vec![String::new(); elements]),
             };
-            ValidInput {
-                datatype: spec.datatype,
-                shape,
-                data,
-            }
+            ValidInput { datatype: spec.datatype, shape, data }
         })
         .collect();
-    ValidRequest {
-        id: "warmup".to_owned(),
-        inputs,
-        outputs: (0..signature.outputs.len()).collect(),
-    }
+    ValidRequest { id: "warmup".to_owned(), inputs, outputs: (0..signature.outputs.len()).collect() }
 }

@@ -9,10 +9,8 @@ pub const REQUESTS_TOTAL: &str = "mantissa_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "mantissa_request_duration_seconds";
 
 /// Latency buckets from 100 µs to 10 s.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Installs the process-wide recorder and returns the handle that renders the text format.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -21,10 +19,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|err| err.to_string())?
         .install_recorder()
         .map_err(|err| err.to_string())?;
-    metrics::describe_counter!(
-        REQUESTS_TOTAL,
-        "Inference requests by model, variant and outcome"
-    );
+    metrics::describe_counter!(REQUESTS_TOTAL, "Inference requests by model, variant and outcome");
     metrics::describe_histogram!(
         REQUEST_DURATION_SECONDS,
         metrics::Unit::Seconds,
@@ -34,11 +29,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 pub fn record_request(model: &str, variant: &str, outcome: &'static str, elapsed: Duration) {
-    let labels = [
-        ("model", model.to_owned()),
-        ("variant", variant.to_owned()),
-        ("outcome", outcome.to_owned()),
-    ];
+    let labels = [("model", model.to_owned()), ("variant", variant.to_owned()), ("outcome", outcome.to_owned())];
     metrics::counter!(REQUESTS_TOTAL, &labels).increment(1);
     metrics::histogram!(REQUEST_DURATION_SECONDS, &labels).record(elapsed.as_secs_f64());
 }
@@ -53,18 +44,8 @@ pub async fn serve(
         "/metrics",
         axum::routing::get(move || {
             let handle = handle.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
-                    )],
-                    handle.render(),
-                )
-            }
+            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()) }
         }),
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

@@ -29,9 +29,7 @@ pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, OrtSetupError>
         return if path.is_file() {
             Ok(path.to_owned())
         } else {
-            Err(OrtSetupError::Missing {
-                path: path.to_owned(),
-            })
+            Err(OrtSetupError::Missing { path: path.to_owned() })
         };
     }
     let mut candidates = Vec::new();
@@ -54,10 +52,8 @@ pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, OrtSetupError>
 /// Loads the library and builds the process-wide environment. Must run before any other
 /// ONNX Runtime call.
 pub fn init_environment(library: &Path) -> Result<Environment, OrtSetupError> {
-    let builder = ort::init_from(library).map_err(|err| OrtSetupError::Load {
-        path: library.to_owned(),
-        reason: err.to_string(),
-    })?;
+    let builder = ort::init_from(library)
+        .map_err(|err| OrtSetupError::Load { path: library.to_owned(), reason: err.to_string() })?;
     let environment = builder
         .with_name("mantissa")
         .with_telemetry(false)
@@ -74,10 +70,7 @@ mod tests {
     #[test]
     fn explicit_missing_path_is_reported() {
         let err = locate_library(Some(Path::new("/nonexistent/libonnxruntime.so"))).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("/nonexistent/libonnxruntime.so does not exist")
-        );
+        assert!(err.to_string().contains("/nonexistent/libonnxruntime.so does not exist"));
     }
 
     #[test]

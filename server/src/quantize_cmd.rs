@@ -45,54 +45,36 @@ pub struct QuantizeError(String);
 fn options_from_policy(path: &Path, variant: Option<&str>) -> Result<Fp16Options, QuantizeError> {
     let policy = Policy::load(path).map_err(|err| QuantizeError(err.to_string()))?;
     let spec = match variant {
-        Some(name) => policy
-            .variant(name)
-            .ok_or_else(|| QuantizeError(format!("{}: no variant '{name}'", path.display())))?,
+        Some(name) => {
+            policy.variant(name).ok_or_else(|| QuantizeError(format!("{}: no variant '{name}'", path.display())))?
+        }
         None => policy
             .variants
             .iter()
             .find(|v| v.precision == Precision::Fp16)
-            .ok_or_else(|| {
-                QuantizeError(format!(
-                    "{}: no variant with precision fp16",
-                    path.display()
-                ))
-            })?,
+            .ok_or_else(|| QuantizeError(format!("{}: no variant with precision fp16", path.display())))?,
     };
-    spec.fp16.clone().ok_or_else(|| {
-        QuantizeError(format!(
-            "{}: variant '{}' is not an fp16 variant",
-            path.display(),
-            spec.name
-        ))
-    })
+    spec.fp16
+        .clone()
+        .ok_or_else(|| QuantizeError(format!("{}: variant '{}' is not an fp16 variant", path.display(), spec.name)))
 }
 
 /// Bytes of a model file plus the external-data files beside it that it references.
 fn stored_size(path: &Path) -> u64 {
     let model = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    let external: u64 =
-        mantissa_quantize::load_model_from_bytes(&std::fs::read(path).unwrap_or_default(), path)
-            .ok()
-            .map(|proto| {
-                let mut files = std::collections::BTreeSet::new();
-                for tensor in proto.graph.iter().flat_map(|g| &g.initializer) {
-                    for entry in tensor
-                        .external_data
-                        .iter()
-                        .filter(|e| e.key() == "location")
-                    {
-                        files.insert(entry.value().to_owned());
-                    }
+    let external: u64 = mantissa_quantize::load_model_from_bytes(&std::fs::read(path).unwrap_or_default(), path)
+        .ok()
+        .map(|proto| {
+            let mut files = std::collections::BTreeSet::new();
+            for tensor in proto.graph.iter().flat_map(|g| &g.initializer) {
+                for entry in tensor.external_data.iter().filter(|e| e.key() == "location") {
+                    files.insert(entry.value().to_owned());
                 }
-                let base = path.parent().unwrap_or(Path::new("."));
-                files
-                    .iter()
-                    .filter_map(|f| std::fs::metadata(base.join(f)).ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0);
+            }
+            let base = path.parent().unwrap_or(Path::new("."));
+            files.iter().filter_map(|f| std::fs::metadata(base.join(f)).ok()).map(|m| m.len()).sum()
+        })
+        .unwrap_or(0);
     model + external
 }
 
@@ -105,10 +87,7 @@ pub fn run(args: &QuantizeArgs) -> Result<(), QuantizeError> {
     let mut model = load_model(&args.model).map_err(|err| QuantizeError(err.to_string()))?;
     let report = convert_to_fp16(&mut model, &options)
         .map_err(|err| QuantizeError(format!("{}: {err}", args.model.display())))?;
-    let save = SaveOptions {
-        external_file: args.external_data.clone(),
-        threshold: 1024,
-    };
+    let save = SaveOptions { external_file: args.external_data.clone(), threshold: 1024 };
     save_model(&model, &args.output, &save).map_err(|err| QuantizeError(err.to_string()))?;
     let elapsed = started.elapsed();
     print_summary(args, &report, elapsed);
@@ -140,10 +119,6 @@ fn print_summary(args: &QuantizeArgs, report: &Fp16Report, elapsed: std::time::D
         report.initializers_converted, report.initializer_copies
     );
     println!("  values clamped to ±65504: {}", report.values_clamped);
-    let ratio = if before > 0 {
-        after as f64 / before as f64
-    } else {
-        0.0
-    };
+    let ratio = if before > 0 { after as f64 / before as f64 } else { 0.0 };
     println!("  size: {before} -> {after} bytes ({ratio:.2}x)");
 }

@@ -38,11 +38,7 @@ pub struct Variant {
 impl Variant {
     /// The running workers, or why there are none.
     pub fn pool(&self) -> Result<Arc<WorkerPool>, String> {
-        match &*self
-            .state
-            .read()
-            .unwrap_or_else(|poison| poison.into_inner())
-        {
+        match &*self.state.read().unwrap_or_else(|poison| poison.into_inner()) {
             VariantState::Ready(pool) => Ok(Arc::clone(pool)),
             VariantState::Loading => Err("still loading".to_owned()),
             VariantState::Failed(reason) => Err(format!("failed to load: {reason}")),
@@ -56,11 +52,7 @@ impl Variant {
 
     /// A short state name as used by RepositoryIndex.
     pub fn state_name(&self) -> (&'static str, String) {
-        match &*self
-            .state
-            .read()
-            .unwrap_or_else(|poison| poison.into_inner())
-        {
+        match &*self.state.read().unwrap_or_else(|poison| poison.into_inner()) {
             VariantState::Loading => ("LOADING", String::new()),
             VariantState::Ready(_) => ("READY", String::new()),
             VariantState::Failed(reason) => ("UNAVAILABLE", reason.clone()),
@@ -69,13 +61,7 @@ impl Variant {
     }
 
     fn set(&self, state: VariantState) -> VariantState {
-        std::mem::replace(
-            &mut *self
-                .state
-                .write()
-                .unwrap_or_else(|poison| poison.into_inner()),
-            state,
-        )
+        std::mem::replace(&mut *self.state.write().unwrap_or_else(|poison| poison.into_inner()), state)
     }
 }
 
@@ -91,27 +77,17 @@ impl ServedModel {
     }
 
     pub fn version_names(&self) -> Vec<String> {
-        self.variants
-            .iter()
-            .map(|variant| variant.spec.name.clone())
-            .collect()
+        self.variants.iter().map(|variant| variant.spec.name.clone()).collect()
     }
 
     /// The variant a request addresses: an explicit `model_version`, or the policy's default.
     pub fn variant(&self, version: &str) -> Result<&Variant, ServeError> {
-        let wanted = if version.is_empty() {
-            self.entry.policy.default_variant.as_str()
-        } else {
-            version
-        };
-        self.variants
-            .iter()
-            .find(|variant| variant.spec.name == wanted)
-            .ok_or_else(|| ServeError::VersionNotFound {
-                model: self.entry.name.clone(),
-                version: version.to_owned(),
-                available: self.version_names(),
-            })
+        let wanted = if version.is_empty() { self.entry.policy.default_variant.as_str() } else { version };
+        self.variants.iter().find(|variant| variant.spec.name == wanted).ok_or_else(|| ServeError::VersionNotFound {
+            model: self.entry.name.clone(),
+            version: version.to_owned(),
+            available: self.version_names(),
+        })
     }
 
     /// A model is ready when its default variant is.
@@ -136,18 +112,12 @@ impl Registry {
                     .policy
                     .variants
                     .iter()
-                    .map(|spec| Variant {
-                        spec: spec.clone(),
-                        state: RwLock::new(VariantState::Loading),
-                    })
+                    .map(|spec| Variant { spec: spec.clone(), state: RwLock::new(VariantState::Loading) })
                     .collect();
                 (entry.name.clone(), ServedModel { entry, variants })
             })
             .collect();
-        Self {
-            models,
-            loading_done: AtomicBool::new(false),
-        }
+        Self { models, loading_done: AtomicBool::new(false) }
     }
 
     pub fn models(&self) -> impl Iterator<Item = &ServedModel> {
@@ -155,12 +125,10 @@ impl Registry {
     }
 
     pub fn model(&self, name: &str) -> Result<&ServedModel, ServeError> {
-        self.models
-            .get(name)
-            .ok_or_else(|| ServeError::ModelNotFound {
-                model: name.to_owned(),
-                available: self.models.keys().cloned().collect(),
-            })
+        self.models.get(name).ok_or_else(|| ServeError::ModelNotFound {
+            model: name.to_owned(),
+            available: self.models.keys().cloned().collect(),
+        })
     }
 
     /// True once loading finished and every model's default variant is ready.

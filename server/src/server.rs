@@ -56,18 +56,9 @@ pub async fn run(
 
     let registry = Arc::new(Registry::new(entries));
     let (health, health_service) = tonic_health::server::health_reporter();
-    let model_names: Vec<String> = registry
-        .models()
-        .map(|model| model.name().to_owned())
-        .collect();
-    for name in model_names
-        .iter()
-        .map(String::as_str)
-        .chain(["", INFERENCE_SERVICE_NAME])
-    {
-        health
-            .set_service_status(name, ServingStatus::NotServing)
-            .await;
+    let model_names: Vec<String> = registry.models().map(|model| model.name().to_owned()).collect();
+    for name in model_names.iter().map(String::as_str).chain(["", INFERENCE_SERVICE_NAME]) {
+        health.set_service_status(name, ServingStatus::NotServing).await;
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -75,13 +66,9 @@ pub async fn run(
         Some(listener) => {
             let handle = crate::metrics::install().map_err(ServerError::Metrics)?;
             let mut stop = stop_rx.clone();
-            Some(tokio::spawn(crate::metrics::serve(
-                listener,
-                handle,
-                async move {
-                    let _ = stop.wait_for(|stopped| *stopped).await;
-                },
-            )))
+            Some(tokio::spawn(crate::metrics::serve(listener, handle, async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            })))
         }
         None => None,
     };
@@ -94,23 +81,15 @@ pub async fn run(
             let loading = Arc::clone(&registry);
             tokio::task::spawn_blocking(move || loading.load_all(&environment, defaults)).await?;
             for model in registry.models() {
-                let status = if model.is_ready() {
-                    ServingStatus::Serving
-                } else {
-                    ServingStatus::NotServing
-                };
+                let status = if model.is_ready() { ServingStatus::Serving } else { ServingStatus::NotServing };
                 health.set_service_status(model.name(), status).await;
             }
             if registry.is_ready() {
                 health.set_service_status("", ServingStatus::Serving).await;
-                health
-                    .set_service_status(INFERENCE_SERVICE_NAME, ServingStatus::Serving)
-                    .await;
+                health.set_service_status(INFERENCE_SERVICE_NAME, ServingStatus::Serving).await;
                 tracing::info!("all models ready; serving");
             } else {
-                tracing::error!(
-                    "not every model loaded; health stays NOT_SERVING (see errors above)"
-                );
+                tracing::error!("not every model loaded; health stays NOT_SERVING (see errors above)");
             }
             Ok::<_, tokio::task::JoinError>(())
         })
@@ -126,26 +105,18 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|err| ServerError::Metrics(format!("reflection: {err}")))?;
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(
-        Arc::clone(&registry),
-        config.max_message_bytes,
-    ))
-    .max_decoding_message_size(config.max_message_bytes)
-    .max_encoding_message_size(config.max_message_bytes);
+    let inference =
+        GrpcInferenceServiceServer::new(InferenceService::new(Arc::clone(&registry), config.max_message_bytes))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
 
     let drain_health = health.clone();
     let drain_names = model_names.clone();
     let graceful = async move {
         shutdown.await;
         tracing::info!("shutdown requested: no new connections; finishing in-flight requests");
-        for name in drain_names
-            .iter()
-            .map(String::as_str)
-            .chain(["", INFERENCE_SERVICE_NAME])
-        {
-            drain_health
-                .set_service_status(name, ServingStatus::NotServing)
-                .await;
+        for name in drain_names.iter().map(String::as_str).chain(["", INFERENCE_SERVICE_NAME]) {
+            drain_health.set_service_status(name, ServingStatus::NotServing).await;
         }
     };
     tonic::transport::Server::builder()

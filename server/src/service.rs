@@ -33,10 +33,7 @@ pub struct InferenceService {
 
 impl InferenceService {
     pub fn new(registry: Arc<Registry>, max_message_bytes: usize) -> Self {
-        Self {
-            registry,
-            max_message_bytes,
-        }
+        Self { registry, max_message_bytes }
     }
 
     fn ready_variant(
@@ -54,19 +51,13 @@ impl InferenceService {
         Ok((served, variant, pool))
     }
 
-    async fn infer(
-        &self,
-        request: &mut ModelInferRequest,
-    ) -> Result<(String, ModelInferResponse), ServeError> {
-        let (served, variant, pool) =
-            self.ready_variant(&request.model_name, &request.model_version)?;
+    async fn infer(&self, request: &mut ModelInferRequest) -> Result<(String, ModelInferResponse), ServeError> {
+        let (served, variant, pool) = self.ready_variant(&request.model_name, &request.model_version)?;
         let valid = validate_request(request, pool.signature(), self.max_message_bytes)?;
         let receiver = pool.submit(valid).map_err(|err| match err {
-            SubmitError::Full { capacity } => ServeError::QueueFull {
-                model: served.name().to_owned(),
-                version: variant.spec.name.clone(),
-                capacity,
-            },
+            SubmitError::Full { capacity } => {
+                ServeError::QueueFull { model: served.name().to_owned(), version: variant.spec.name.clone(), capacity }
+            }
             SubmitError::Closed => ServeError::ShuttingDown,
         })?;
         let outputs = receiver.await.map_err(|_| ServeError::ShuttingDown)??;
@@ -102,21 +93,14 @@ fn tensor_metadata(specs: &[TensorSpec]) -> Vec<TensorMetadata> {
 
 /// Dimensions as Triton's ModelConfig lists them: without the batch dimension when batching.
 fn config_dims(spec: &TensorSpec, signature: &ModelSignature) -> Vec<i64> {
-    if signature.batches() {
-        spec.dims[1..].to_vec()
-    } else {
-        spec.dims.clone()
-    }
+    if signature.batches() { spec.dims[1..].to_vec() } else { spec.dims.clone() }
 }
 
 fn model_parameter(value: impl ToString) -> ModelParameter {
-    ModelParameter {
-        string_value: value.to_string(),
-    }
+    ModelParameter { string_value: value.to_string() }
 }
 
-type StreamInferStream =
-    Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send + 'static>>;
+type StreamInferStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send + 'static>>;
 
 fn unimplemented(what: &str) -> Status {
     Status::unimplemented(format!("{what} is not supported by this server"))
@@ -124,26 +108,15 @@ fn unimplemented(what: &str) -> Status {
 
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceService {
-    async fn server_live(
-        &self,
-        _: Request<ServerLiveRequest>,
-    ) -> Result<Response<ServerLiveResponse>, Status> {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
         Ok(Response::new(ServerLiveResponse { live: true }))
     }
 
-    async fn server_ready(
-        &self,
-        _: Request<ServerReadyRequest>,
-    ) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse {
-            ready: self.registry.is_ready(),
-        }))
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse { ready: self.registry.is_ready() }))
     }
 
-    async fn model_ready(
-        &self,
-        request: Request<ModelReadyRequest>,
-    ) -> Result<Response<ModelReadyResponse>, Status> {
+    async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
         let request = request.into_inner();
         // Like Triton, an unknown model or version is simply not ready, so clients can poll
         // readiness before a model appears without handling an error.
@@ -182,10 +155,7 @@ impl GrpcInferenceService for InferenceService {
         }))
     }
 
-    async fn model_infer(
-        &self,
-        request: Request<ModelInferRequest>,
-    ) -> Result<Response<ModelInferResponse>, Status> {
+    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
         let mut request = request.into_inner();
         let result = self.infer(&mut request).await;
@@ -222,18 +192,9 @@ impl GrpcInferenceService for InferenceService {
         let serving = &variant.spec.serving;
         let mut parameters = HashMap::new();
         parameters.insert("variant".to_owned(), model_parameter(&variant.spec.name));
-        parameters.insert(
-            "precision".to_owned(),
-            model_parameter(variant.spec.precision.as_str()),
-        );
-        parameters.insert(
-            "default_variant".to_owned(),
-            model_parameter(&served.entry.policy.default_variant),
-        );
-        parameters.insert(
-            "intra_op_threads".to_owned(),
-            model_parameter(serving.intra_op_threads),
-        );
+        parameters.insert("precision".to_owned(), model_parameter(variant.spec.precision.as_str()));
+        parameters.insert("default_variant".to_owned(), model_parameter(&served.entry.policy.default_variant));
+        parameters.insert("intra_op_threads".to_owned(), model_parameter(serving.intra_op_threads));
         let config = ModelConfig {
             name: served.name().to_owned(),
             platform: "onnxruntime_onnx".to_owned(),
@@ -269,9 +230,7 @@ impl GrpcInferenceService for InferenceService {
             parameters,
             ..Default::default()
         };
-        Ok(Response::new(ModelConfigResponse {
-            config: Some(config),
-        }))
+        Ok(Response::new(ModelConfigResponse { config: Some(config) }))
     }
 
     async fn model_statistics(
@@ -308,18 +267,14 @@ impl GrpcInferenceService for InferenceService {
         &self,
         _: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        Err(unimplemented(
-            "RepositoryModelLoad (models are loaded from the repository at startup)",
-        ))
+        Err(unimplemented("RepositoryModelLoad (models are loaded from the repository at startup)"))
     }
 
     async fn repository_model_unload(
         &self,
         _: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        Err(unimplemented(
-            "RepositoryModelUnload (models are loaded from the repository at startup)",
-        ))
+        Err(unimplemented("RepositoryModelUnload (models are loaded from the repository at startup)"))
     }
 
     async fn system_shared_memory_status(
@@ -364,17 +319,11 @@ impl GrpcInferenceService for InferenceService {
         Err(unimplemented("CUDA shared memory"))
     }
 
-    async fn trace_setting(
-        &self,
-        _: Request<TraceSettingRequest>,
-    ) -> Result<Response<TraceSettingResponse>, Status> {
+    async fn trace_setting(&self, _: Request<TraceSettingRequest>) -> Result<Response<TraceSettingResponse>, Status> {
         Err(unimplemented("TraceSetting"))
     }
 
-    async fn log_settings(
-        &self,
-        _: Request<LogSettingsRequest>,
-    ) -> Result<Response<LogSettingsResponse>, Status> {
+    async fn log_settings(&self, _: Request<LogSettingsRequest>) -> Result<Response<LogSettingsResponse>, Status> {
         Err(unimplemented("LogSettings"))
     }
 }

@@ -32,10 +32,7 @@ impl ModelSignature {
     /// True when dimension 0 of every input and output is dynamic, so requests may carry any
     /// number of rows up to `max_batch_size`.
     pub fn supports_batching(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> bool {
-        inputs
-            .iter()
-            .chain(outputs)
-            .all(|spec| spec.dims.first() == Some(&-1))
+        inputs.iter().chain(outputs).all(|spec| spec.dims.first() == Some(&-1))
     }
 
     pub fn batches(&self) -> bool {

@@ -50,11 +50,7 @@ pub fn validate_request(
     let mut slots: Vec<Option<ValidInput>> = vec![None; signature.inputs.len()];
     let mut batch: Option<(i64, String)> = None;
     for (position, input) in request.inputs.iter().enumerate() {
-        let Some(index) = signature
-            .inputs
-            .iter()
-            .position(|spec| spec.name == input.name)
-        else {
+        let Some(index) = signature.inputs.iter().position(|spec| spec.name == input.name) else {
             return Err(invalid(format!(
                 "unexpected input '{}'; the model expects inputs {:?}",
                 input.name,
@@ -62,46 +58,30 @@ pub fn validate_request(
             )));
         };
         if slots[index].is_some() {
-            return Err(invalid(format!(
-                "input '{}' appears more than once",
-                input.name
-            )));
+            return Err(invalid(format!("input '{}' appears more than once", input.name)));
         }
         let spec = &signature.inputs[index];
         let name = &spec.name;
 
         let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
-            invalid(format!(
-                "input '{name}': unknown datatype '{}'; expected {}",
-                input.datatype, spec.datatype
-            ))
+            invalid(format!("input '{name}': unknown datatype '{}'; expected {}", input.datatype, spec.datatype))
         })?;
         if datatype != spec.datatype {
-            return Err(invalid(format!(
-                "input '{name}': expected datatype {}, got {datatype}",
-                spec.datatype
-            )));
+            return Err(invalid(format!("input '{name}': expected datatype {}, got {datatype}", spec.datatype)));
         }
 
         let shape = &input.shape;
         if shape.iter().any(|&dim| dim < 0) {
-            return Err(invalid(format!(
-                "input '{name}': shape {shape:?} has a negative dimension"
-            )));
+            return Err(invalid(format!("input '{name}': shape {shape:?} has a negative dimension")));
         }
         let shape_matches = shape.len() == spec.dims.len()
             && shape
                 .iter()
                 .zip(&spec.dims)
                 .enumerate()
-                .all(|(axis, (&got, &want))| {
-                    want == -1 || got == want || (axis == 0 && signature.batches())
-                });
+                .all(|(axis, (&got, &want))| want == -1 || got == want || (axis == 0 && signature.batches()));
         if !shape_matches {
-            return Err(invalid(format!(
-                "input '{name}': expected shape {}, got {shape:?}",
-                spec.dims_text()
-            )));
+            return Err(invalid(format!("input '{name}': expected shape {}, got {shape:?}", spec.dims_text())));
         }
         if signature.batches() {
             let rows = shape[0];
@@ -146,15 +126,11 @@ pub fn validate_request(
                     "input '{name}': no data; send it in raw_input_contents or in typed contents"
                 )));
             };
-            let raw = typed_to_raw(contents, datatype, elements)
-                .map_err(|why| invalid(format!("input '{name}': {why}")))?;
+            let raw =
+                typed_to_raw(contents, datatype, elements).map_err(|why| invalid(format!("input '{name}': {why}")))?;
             raw_to_data(raw, datatype, elements, name, shape)?
         };
-        slots[index] = Some(ValidInput {
-            datatype,
-            shape: shape.clone(),
-            data,
-        });
+        slots[index] = Some(ValidInput { datatype, shape: shape.clone(), data });
     }
 
     let mut inputs = Vec::with_capacity(slots.len());
@@ -177,11 +153,7 @@ pub fn validate_request(
         let mut seen = HashSet::new();
         let mut outputs = Vec::with_capacity(request.outputs.len());
         for requested in &request.outputs {
-            let Some(index) = signature
-                .outputs
-                .iter()
-                .position(|spec| spec.name == requested.name)
-            else {
+            let Some(index) = signature.outputs.iter().position(|spec| spec.name == requested.name) else {
                 return Err(invalid(format!(
                     "unexpected requested output '{}'; the model has outputs {:?}",
                     requested.name,
@@ -189,21 +161,14 @@ pub fn validate_request(
                 )));
             };
             if !seen.insert(index) {
-                return Err(invalid(format!(
-                    "requested output '{}' appears more than once",
-                    requested.name
-                )));
+                return Err(invalid(format!("requested output '{}' appears more than once", requested.name)));
             }
             outputs.push(index);
         }
         outputs
     };
 
-    Ok(ValidRequest {
-        id: request.id.clone(),
-        inputs,
-        outputs,
-    })
+    Ok(ValidRequest { id: request.id.clone(), inputs, outputs })
 }
 
 fn raw_to_data(
@@ -233,8 +198,8 @@ fn raw_to_data(
             Ok(TensorData::Raw(raw))
         }
         None => {
-            let parts = split_bytes_elements(&raw)
-                .map_err(|why| invalid(format!("input '{name}': BYTES content: {why}")))?;
+            let parts =
+                split_bytes_elements(&raw).map_err(|why| invalid(format!("input '{name}': BYTES content: {why}")))?;
             if parts.len() != elements {
                 return Err(invalid(format!(
                     "input '{name}': BYTES content holds {} elements, expected {elements} for shape {shape:?}",
@@ -265,9 +230,7 @@ fn raw_to_data(
 #[cfg(test)]
 mod tests {
     use mantissa_proto::inference::InferTensorContents;
-    use mantissa_proto::inference::model_infer_request::{
-        InferInputTensor, InferRequestedOutputTensor,
-    };
+    use mantissa_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 
     use super::*;
     use crate::contents::join_bytes_elements;
@@ -276,49 +239,25 @@ mod tests {
     fn signature() -> ModelSignature {
         ModelSignature {
             inputs: vec![
-                TensorSpec {
-                    name: "x".into(),
-                    datatype: DataType::Fp32,
-                    dims: vec![-1, 2],
-                },
-                TensorSpec {
-                    name: "s".into(),
-                    datatype: DataType::Bytes,
-                    dims: vec![-1],
-                },
+                TensorSpec { name: "x".into(), datatype: DataType::Fp32, dims: vec![-1, 2] },
+                TensorSpec { name: "s".into(), datatype: DataType::Bytes, dims: vec![-1] },
             ],
             outputs: vec![
-                TensorSpec {
-                    name: "y".into(),
-                    datatype: DataType::Fp32,
-                    dims: vec![-1, 2],
-                },
-                TensorSpec {
-                    name: "z".into(),
-                    datatype: DataType::Int64,
-                    dims: vec![-1],
-                },
+                TensorSpec { name: "y".into(), datatype: DataType::Fp32, dims: vec![-1, 2] },
+                TensorSpec { name: "z".into(), datatype: DataType::Int64, dims: vec![-1] },
             ],
             max_batch_size: 4,
         }
     }
 
     fn tensor(name: &str, datatype: &str, shape: Vec<i64>) -> InferInputTensor {
-        InferInputTensor {
-            name: name.into(),
-            datatype: datatype.into(),
-            shape,
-            ..Default::default()
-        }
+        InferInputTensor { name: name.into(), datatype: datatype.into(), shape, ..Default::default() }
     }
 
     fn good_request() -> ModelInferRequest {
         ModelInferRequest {
             id: "req-1".into(),
-            inputs: vec![
-                tensor("s", "BYTES", vec![1]),
-                tensor("x", "FP32", vec![1, 2]),
-            ],
+            inputs: vec![tensor("s", "BYTES", vec![1]), tensor("x", "FP32", vec![1, 2])],
             raw_input_contents: vec![
                 join_bytes_elements(&[b"hi"]),
                 [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -377,10 +316,7 @@ mod tests {
         assert!(error_of(r).contains("raw content holds 7 bytes, expected 8 bytes"));
 
         let mut r = good_request();
-        r.inputs[1].contents = Some(InferTensorContents {
-            fp32_contents: vec![1.0, 2.0],
-            ..Default::default()
-        });
+        r.inputs[1].contents = Some(InferTensorContents { fp32_contents: vec![1.0, 2.0], ..Default::default() });
         assert!(error_of(r).contains("both raw_input_contents[1] and typed contents"));
 
         let mut r = good_request();
@@ -397,11 +333,7 @@ mod tests {
         assert!(error_of(r).contains("BYTES element 0 contains a NUL byte at offset 1"));
 
         let big_signature = ModelSignature {
-            inputs: vec![TensorSpec {
-                name: "x".into(),
-                datatype: DataType::Fp32,
-                dims: vec![-1, -1],
-            }],
+            inputs: vec![TensorSpec { name: "x".into(), datatype: DataType::Fp32, dims: vec![-1, -1] }],
             outputs: vec![],
             max_batch_size: 0,
         };
@@ -410,28 +342,17 @@ mod tests {
             raw_input_contents: vec![vec![]],
             ..Default::default()
         };
-        let message = validate_request(&mut request, &big_signature, 64 << 20)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            message.contains("more data than the message limit of 67108864 bytes"),
-            "{message}"
-        );
+        let message = validate_request(&mut request, &big_signature, 64 << 20).unwrap_err().to_string();
+        assert!(message.contains("more data than the message limit of 67108864 bytes"), "{message}");
     }
 
     #[test]
     fn rejects_unknown_and_duplicate_outputs() {
         let mut r = good_request();
-        r.outputs = vec![InferRequestedOutputTensor {
-            name: "nope".into(),
-            ..Default::default()
-        }];
+        r.outputs = vec![InferRequestedOutputTensor { name: "nope".into(), ..Default::default() }];
         assert!(error_of(r).contains("unexpected requested output 'nope'"));
         let mut r = good_request();
-        let z = InferRequestedOutputTensor {
-            name: "z".into(),
-            ..Default::default()
-        };
+        let z = InferRequestedOutputTensor { name: "z".into(), ..Default::default() };
         r.outputs = vec![z.clone(), z];
         assert!(error_of(r).contains("requested output 'z' appears more than once"));
     }
@@ -440,18 +361,9 @@ mod tests {
     fn typed_contents_are_accepted() {
         let mut r = good_request();
         r.raw_input_contents.clear();
-        r.inputs[0].contents = Some(InferTensorContents {
-            bytes_contents: vec![b"a".to_vec()],
-            ..Default::default()
-        });
-        r.inputs[1].contents = Some(InferTensorContents {
-            fp32_contents: vec![1.0, 2.0],
-            ..Default::default()
-        });
+        r.inputs[0].contents = Some(InferTensorContents { bytes_contents: vec![b"a".to_vec()], ..Default::default() });
+        r.inputs[1].contents = Some(InferTensorContents { fp32_contents: vec![1.0, 2.0], ..Default::default() });
         let valid = validate_request(&mut r, &signature(), 1 << 20).unwrap();
-        assert_eq!(
-            valid.inputs[0].data,
-            TensorData::Raw([1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect())
-        );
+        assert_eq!(valid.inputs[0].data, TensorData::Raw([1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect()));
     }
 }

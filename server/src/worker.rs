@@ -12,9 +12,7 @@ use ort::environment::Environment;
 use tokio::sync::oneshot;
 
 use crate::error::ServeError;
-use crate::executor::{
-    OutputTensor, SessionConfig, execute, open_session, signature_of, warmup_request,
-};
+use crate::executor::{OutputTensor, SessionConfig, execute, open_session, signature_of, warmup_request};
 use crate::signature::ModelSignature;
 use crate::validation::ValidRequest;
 
@@ -49,10 +47,7 @@ pub struct WorkerPool {
 
 impl std::fmt::Debug for WorkerPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerPool")
-            .field("label", &self.label)
-            .field("workers", &self.workers.len())
-            .finish()
+        f.debug_struct("WorkerPool").field("label", &self.label).field("workers", &self.workers.len()).finish()
     }
 }
 
@@ -90,11 +85,7 @@ impl WorkerPool {
         let pool_signature = signature.clone();
         let pool = WorkerPool {
             label: config.label,
-            signature: pool_signature.unwrap_or(ModelSignature {
-                inputs: vec![],
-                outputs: vec![],
-                max_batch_size: 0,
-            }),
+            signature: pool_signature.unwrap_or(ModelSignature { inputs: vec![], outputs: vec![], max_batch_size: 0 }),
             queue,
             queue_capacity: config.queue_capacity,
             workers,
@@ -118,16 +109,11 @@ impl WorkerPool {
     }
 
     /// Enqueues a request without waiting; a full queue is reported at once.
-    pub fn submit(
-        &self,
-        request: ValidRequest,
-    ) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
+    pub fn submit(&self, request: ValidRequest) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
         let (reply, receiver) = oneshot::channel();
         match self.queue.try_send(Job { request, reply }) {
             Ok(()) => Ok(receiver),
-            Err(TrySendError::Full(_)) => Err(SubmitError::Full {
-                capacity: self.queue_capacity,
-            }),
+            Err(TrySendError::Full(_)) => Err(SubmitError::Full { capacity: self.queue_capacity }),
             Err(TrySendError::Disconnected(_)) => Err(SubmitError::Closed),
         }
     }
@@ -183,14 +169,9 @@ fn worker_main(
             tracing::debug!(variant = %config.label, id = %job.request.id, "dropping request whose client is gone");
             continue;
         }
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            execute(&mut session, &signature, &job.request)
-        }))
-        .unwrap_or_else(|_| {
-            Err(ServeError::Execution(
-                "the executor panicked; see server logs".to_owned(),
-            ))
-        });
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&mut session, &signature, &job.request)))
+                .unwrap_or_else(|_| Err(ServeError::Execution("the executor panicked; see server logs".to_owned())));
         let _ = job.reply.send(result);
     }
 }

@@ -13,23 +13,12 @@ use mantissa_proto::inference::model_infer_request::InferInputTensor;
 fn missing_onnx_runtime_library_is_a_clear_startup_error() {
     let mut command = mantissa_command();
     command
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--model-store",
-        ])
+        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--model-store"])
         .arg(example_store())
         .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so.1.31.1");
     let (status, stderr) = run_to_exit(command, Duration::from_secs(30));
     assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr
-            .contains("ONNX Runtime library /nonexistent/libonnxruntime.so.1.31.1 does not exist"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("ONNX Runtime library /nonexistent/libonnxruntime.so.1.31.1 does not exist"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -40,14 +29,7 @@ fn a_file_that_is_not_onnx_runtime_is_a_clear_startup_error() {
     std::fs::write(&fake, b"not a shared library").unwrap();
     let mut command = mantissa_command();
     command
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--model-store",
-        ])
+        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--model-store"])
         .arg(example_store())
         .env("ORT_DYLIB_PATH", &fake);
     let (status, stderr) = run_to_exit(command, Duration::from_secs(30));
@@ -61,11 +43,7 @@ fn policy_errors_name_file_line_and_key() {
     let store = tempfile::tempdir().unwrap();
     let model = store.path().join("digits");
     std::fs::create_dir(&model).unwrap();
-    std::fs::copy(
-        example_store().join("digits_cnn/model.onnx"),
-        model.join("model.onnx"),
-    )
-    .unwrap();
+    std::fs::copy(example_store().join("digits_cnn/model.onnx"), model.join("model.onnx")).unwrap();
     std::fs::write(
         model.join("policy.yaml"),
         "serving:\n  instances: 1\nvariants:\n  fp32:\n    precision: fp32\n    max_batch: 4\n",
@@ -73,34 +51,18 @@ fn policy_errors_name_file_line_and_key() {
     .unwrap();
     let mut command = mantissa_command();
     command
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--model-store",
-        ])
+        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--model-store"])
         .arg(store.path());
     let (status, stderr) = run_to_exit(command, Duration::from_secs(30));
     assert_eq!(status.code(), Some(1), "{stderr}");
-    let expected = format!(
-        "{}:6: key `variants.fp32",
-        model.join("policy.yaml").display()
-    );
-    assert!(
-        stderr.contains(&expected),
-        "expected {expected:?} in {stderr}"
-    );
+    let expected = format!("{}:6: key `variants.fp32", model.join("policy.yaml").display());
+    assert!(stderr.contains(&expected), "expected {expected:?} in {stderr}");
     assert!(stderr.contains("unknown field `max_batch`"), "{stderr}");
 }
 
 #[test]
 fn help_lists_every_serve_option_and_its_environment_variable() {
-    let output = mantissa_command()
-        .args(["serve", "--help"])
-        .output()
-        .unwrap();
+    let output = mantissa_command().args(["serve", "--help"]).output().unwrap();
     let help = String::from_utf8(output.stdout).unwrap();
     for expected in [
         "--model-store",
@@ -116,10 +78,7 @@ fn help_lists_every_serve_option_and_its_environment_variable() {
         "ORT_DYLIB_PATH",
         "MANTISSA_MAX_MESSAGE_BYTES",
     ] {
-        assert!(
-            help.contains(expected),
-            "`mantissa serve --help` lacks {expected}:\n{help}"
-        );
+        assert!(help.contains(expected), "`mantissa serve --help` lacks {expected}:\n{help}");
     }
 }
 
@@ -141,8 +100,7 @@ fn slow_request(rows: usize, id: usize) -> ModelInferRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_load_finishes_every_accepted_request_and_exits_zero() {
     // Configured through the environment, as a container would.
-    let mut server =
-        TestServer::start_with(&fixture_store(), &[], &[("MANTISSA_QUEUE_CAPACITY", "256")]);
+    let mut server = TestServer::start_with(&fixture_store(), &[], &[("MANTISSA_QUEUE_CAPACITY", "256")]);
     let client = server.wait_ready().await;
 
     let in_flight = 24;
@@ -162,12 +120,8 @@ async fn sigterm_during_load_finishes_every_accepted_request_and_exits_zero() {
     let mut finished_after_sigterm = 0;
     for (id, task) in tasks.into_iter().enumerate() {
         let (result, finished_at) = task.await.unwrap();
-        let response = result.unwrap_or_else(|status| {
-            panic!(
-                "request {id} lost during shutdown: {status:?}\n{}",
-                server.logs()
-            )
-        });
+        let response =
+            result.unwrap_or_else(|status| panic!("request {id} lost during shutdown: {status:?}\n{}", server.logs()));
         let response = response.into_inner();
         assert_eq!(response.id, id.to_string());
         assert_eq!(response.raw_output_contents[0].len(), 128 * 256 * 4);
@@ -180,9 +134,5 @@ async fn sigterm_during_load_finishes_every_accepted_request_and_exits_zero() {
     );
     let status = server.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(0), "{}", server.logs());
-    assert!(
-        server.logs().contains("shutdown complete"),
-        "{}",
-        server.logs()
-    );
+    assert!(server.logs().contains("shutdown complete"), "{}", server.logs());
 }

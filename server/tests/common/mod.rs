@@ -12,10 +12,7 @@ use mantissa_proto::inference::grpc_inference_service_client::GrpcInferenceServi
 use tonic::transport::Channel;
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
 pub fn example_store() -> PathBuf {
@@ -47,15 +44,7 @@ impl TestServer {
     pub fn start_with(store: &Path, args: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut command = mantissa_command();
         command
-            .args([
-                "--log-format",
-                "json",
-                "serve",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["--log-format", "json", "serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
             .arg("--model-store")
             .arg(store)
             .args(args)
@@ -81,18 +70,10 @@ impl TestServer {
             Ok(addrs) => addrs,
             Err(_) => {
                 let _ = child.kill();
-                panic!(
-                    "server did not report its address; logs:\n{}",
-                    logs.lock().unwrap().join("\n")
-                );
+                panic!("server did not report its address; logs:\n{}", logs.lock().unwrap().join("\n"));
             }
         };
-        Self {
-            child,
-            grpc_addr,
-            metrics_addr,
-            logs,
-        }
+        Self { child, grpc_addr, metrics_addr, logs }
     }
 
     pub fn url(&self) -> String {
@@ -100,11 +81,7 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to server")
+        Channel::from_shared(self.url()).unwrap().connect().await.expect("connect to server")
     }
 
     pub async fn client(&self) -> GrpcInferenceServiceClient<Channel> {
@@ -126,11 +103,7 @@ impl TestServer {
             if ready {
                 return client;
             }
-            assert!(
-                Instant::now() < deadline,
-                "server not ready in time; logs:\n{}",
-                self.logs()
-            );
+            assert!(Instant::now() < deadline, "server not ready in time; logs:\n{}", self.logs());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -140,10 +113,7 @@ impl TestServer {
     }
 
     pub fn terminate(&mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         assert!(status.success());
     }
 
@@ -156,10 +126,7 @@ impl TestServer {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!(
-                    "server did not exit within {limit:?}; logs:\n{}",
-                    self.logs()
-                );
+                panic!("server did not exit within {limit:?}; logs:\n{}", self.logs());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -220,7 +187,5 @@ pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
 }
 
 pub fn f32_values(raw: &[u8]) -> Vec<f32> {
-    raw.chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
 }
