@@ -446,7 +446,7 @@ async fn run_in_process(
         intra_op_spinning: spec.serving.intra_op_spinning,
     };
     let (warmup, duration) = (args.warmup, args.duration);
-    let model_path = entry.model_path.clone();
+    let model = crate::variant_build::build_variant(&entry, &spec).map_err(fail)?.source;
     let runs = tokio::task::spawn_blocking(move || -> Result<(u64, f64), String> {
         let barrier = Arc::new(std::sync::Barrier::new(instances as usize));
         let handles: Vec<_> = (0..instances)
@@ -454,9 +454,9 @@ async fn run_in_process(
                 let environment = Arc::clone(&environment);
                 let requests = Arc::clone(&requests);
                 let barrier = Arc::clone(&barrier);
-                let model_path = model_path.clone();
+                let model = model.clone();
                 std::thread::spawn(move || -> Result<(u64, f64), String> {
-                    let mut session = open_session(&environment, &model_path, session_config)?;
+                    let mut session = open_session(&environment, &model, session_config)?;
                     let signature = signature_of(&session, None, u32::MAX)?;
                     let mut run_once = |index: usize| {
                         let mut request = requests[index % requests.len()].clone();

@@ -1,8 +1,6 @@
 //! Running one validated request on an ONNX Runtime session: building input tensors from raw
 //! bytes, and copying outputs back into the raw little-endian wire layout.
 
-use std::path::Path;
-
 use ort::environment::Environment;
 use ort::memory::Allocator;
 use ort::session::builder::GraphOptimizationLevel;
@@ -14,6 +12,7 @@ use crate::datatype::DataType;
 use crate::error::ServeError;
 use crate::signature::{ModelSignature, TensorSpec};
 use crate::validation::{ValidInput, ValidRequest};
+use crate::variant_build::ModelSource;
 
 /// Options for building a session.
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +33,7 @@ pub struct OutputTensor {
     pub raw: Vec<u8>,
 }
 
-pub fn open_session(environment: &Environment, model: &Path, config: SessionConfig) -> Result<Session, String> {
+pub fn open_session(environment: &Environment, model: &ModelSource, config: SessionConfig) -> Result<Session, String> {
     let describe = |err: ort::Error| err.to_string();
     let mut builder = Session::builder(environment)
         .map_err(describe)?
@@ -44,7 +43,10 @@ pub fn open_session(environment: &Environment, model: &Path, config: SessionConf
         builder = builder.with_intra_threads(config.intra_op_threads as usize).map_err(|err| err.to_string())?;
     }
     builder = builder.with_intra_op_spinning(config.intra_op_spinning).map_err(|err| err.to_string())?;
-    builder.commit_from_file(model).map_err(describe)
+    match model {
+        ModelSource::File(path) => builder.commit_from_file(path).map_err(describe),
+        ModelSource::Memory(bytes) => builder.commit_from_memory(bytes).map_err(describe),
+    }
 }
 
 fn specs_of(outlets: &[ort::value::Outlet], what: &str) -> Result<Vec<TensorSpec>, String> {

@@ -19,4 +19,5 @@ pub mod server;
 pub mod service;
 pub mod signature;
 pub mod validation;
+pub mod variant_build;
 pub mod worker;

@@ -10,6 +10,7 @@ use ort::environment::Environment;
 
 use crate::error::ServeError;
 use crate::executor::SessionConfig;
+use crate::variant_build::build_variant;
 use crate::worker::{WorkerPool, WorkerPoolConfig};
 
 /// Serving limits that come from the server's configuration rather than a model's policy.
@@ -24,7 +25,7 @@ pub struct ServingDefaults {
 #[derive(Debug)]
 pub enum VariantState {
     Loading,
-    Ready(Arc<WorkerPool>),
+    Ready(Arc<WorkerPool>, Arc<BTreeMap<String, String>>),
     Failed(String),
     Stopped,
 }
@@ -39,7 +40,7 @@ impl Variant {
     /// The running workers, or why there are none.
     pub fn pool(&self) -> Result<Arc<WorkerPool>, String> {
         match &*self.state.read().unwrap_or_else(|poison| poison.into_inner()) {
-            VariantState::Ready(pool) => Ok(Arc::clone(pool)),
+            VariantState::Ready(pool, _) => Ok(Arc::clone(pool)),
             VariantState::Loading => Err("still loading".to_owned()),
             VariantState::Failed(reason) => Err(format!("failed to load: {reason}")),
             VariantState::Stopped => Err("stopped".to_owned()),
@@ -50,11 +51,19 @@ impl Variant {
         self.pool().is_ok()
     }
 
+    /// Facts about how the variant was built (precision pass figures, artifact size).
+    pub fn parameters(&self) -> Arc<BTreeMap<String, String>> {
+        match &*self.state.read().unwrap_or_else(|poison| poison.into_inner()) {
+            VariantState::Ready(_, parameters) => Arc::clone(parameters),
+            _ => Arc::default(),
+        }
+    }
+
     /// A short state name as used by RepositoryIndex.
     pub fn state_name(&self) -> (&'static str, String) {
         match &*self.state.read().unwrap_or_else(|poison| poison.into_inner()) {
             VariantState::Loading => ("LOADING", String::new()),
-            VariantState::Ready(_) => ("READY", String::new()),
+            VariantState::Ready(..) => ("READY", String::new()),
             VariantState::Failed(reason) => ("UNAVAILABLE", reason.clone()),
             VariantState::Stopped => ("UNAVAILABLE", "stopped".to_owned()),
         }
@@ -143,9 +152,17 @@ impl Registry {
             for variant in &model.variants {
                 let label = format!("{}:{}", model.name(), variant.spec.name);
                 let started = std::time::Instant::now();
+                let built = match build_variant(&model.entry, &variant.spec) {
+                    Ok(built) => built,
+                    Err(reason) => {
+                        tracing::error!(model = model.name(), variant = %variant.spec.name, %reason, "variant failed to build");
+                        variant.set(VariantState::Failed(reason));
+                        continue;
+                    }
+                };
                 let config = WorkerPoolConfig {
                     label: label.clone(),
-                    model_path: model.entry.model_path.clone(),
+                    model: built.source,
                     instances: variant.spec.serving.instances,
                     session: SessionConfig {
                         intra_op_threads: variant.spec.serving.intra_op_threads,
@@ -165,7 +182,7 @@ impl Registry {
                             elapsed_ms = started.elapsed().as_millis() as u64,
                             "variant ready"
                         );
-                        variant.set(VariantState::Ready(Arc::new(pool)));
+                        variant.set(VariantState::Ready(Arc::new(pool), Arc::new(built.parameters)));
                     }
                     Err(reason) => {
                         tracing::error!(model = model.name(), variant = %variant.spec.name, %reason, "variant failed to load");
@@ -181,7 +198,7 @@ impl Registry {
     pub fn shutdown(&self) {
         for model in self.models.values() {
             for variant in &model.variants {
-                if let VariantState::Ready(pool) = variant.set(VariantState::Stopped) {
+                if let VariantState::Ready(pool, _) = variant.set(VariantState::Stopped) {
                     match Arc::into_inner(pool) {
                         Some(pool) => pool.shutdown(),
                         None => {

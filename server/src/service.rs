@@ -195,6 +195,9 @@ impl GrpcInferenceService for InferenceService {
         parameters.insert("precision".to_owned(), model_parameter(variant.spec.precision.as_str()));
         parameters.insert("default_variant".to_owned(), model_parameter(&served.entry.policy.default_variant));
         parameters.insert("intra_op_threads".to_owned(), model_parameter(serving.intra_op_threads));
+        for (key, value) in variant.parameters().iter() {
+            parameters.insert(key.clone(), model_parameter(value));
+        }
         let config = ModelConfig {
             name: served.name().to_owned(),
             platform: "onnxruntime_onnx".to_owned(),

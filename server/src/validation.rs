@@ -290,8 +290,8 @@ mod tests {
         assert!(error_of(r).contains("unexpected input 'q'"));
 
         let mut r = good_request();
-        r.inputs[0].name = "x".into();
-        r.inputs[0].datatype = "FP32".into();
+        r.inputs[0] = r.inputs[1].clone();
+        r.raw_input_contents[0] = r.raw_input_contents[1].clone();
         assert!(error_of(r).contains("input 'x' appears more than once"));
 
         let mut r = good_request();

@@ -2,7 +2,6 @@
 //! bounded queue shared by all workers of the variant. Tokio tasks only enqueue and await a
 //! oneshot reply, so inference never blocks the async runtime.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -15,6 +14,7 @@ use crate::error::ServeError;
 use crate::executor::{OutputTensor, SessionConfig, execute, open_session, signature_of, warmup_request};
 use crate::signature::ModelSignature;
 use crate::validation::ValidRequest;
+use crate::variant_build::ModelSource;
 
 /// The outcome of one job.
 pub type JobResult = Result<Vec<OutputTensor>, ServeError>;
@@ -28,7 +28,7 @@ struct Job {
 #[derive(Debug, Clone)]
 pub struct WorkerPoolConfig {
     pub label: String,
-    pub model_path: PathBuf,
+    pub model: ModelSource,
     pub instances: u32,
     pub session: SessionConfig,
     pub max_batch_size: Option<u32>,
@@ -143,7 +143,7 @@ fn worker_main(
     ready: &std::sync::mpsc::Sender<Result<ModelSignature, String>>,
 ) {
     let started = Instant::now();
-    let prepared = open_session(environment, &config.model_path, config.session).and_then(|mut session| {
+    let prepared = open_session(environment, &config.model, config.session).and_then(|mut session| {
         let signature = signature_of(&session, config.max_batch_size, config.default_max_batch_size)?;
         // Warm-up uses synthetic zeros; a model whose inputs are data-dependent (a shape tensor,
         // indices) may reject them, which says nothing about real requests, so it only warns.

@@ -44,7 +44,7 @@ async fn metadata_and_config_describe_batching_models() {
         .unwrap()
         .into_inner();
     assert_eq!(metadata.platform, "onnxruntime_onnx");
-    assert_eq!(metadata.versions, vec!["fp32"]);
+    assert_eq!(metadata.versions, vec!["fp16", "fp32"]);
     assert_eq!(metadata.inputs[0].name, "input");
     assert_eq!(metadata.inputs[0].datatype, "FP32");
     assert_eq!(metadata.inputs[0].shape, vec![-1, 1, 8, 8]);
@@ -73,7 +73,15 @@ async fn metadata_and_config_describe_batching_models() {
 
     let index = client.repository_index(RepositoryIndexRequest::default()).await.unwrap().into_inner();
     let names: Vec<_> = index.models.iter().map(|m| (m.name.as_str(), m.version.as_str(), m.state.as_str())).collect();
-    assert_eq!(names, vec![("digits_cnn", "fp32", "READY"), ("digits_transformer", "fp32", "READY")]);
+    assert_eq!(
+        names,
+        vec![
+            ("digits_cnn", "fp16", "READY"),
+            ("digits_cnn", "fp32", "READY"),
+            ("digits_transformer", "fp16", "READY"),
+            ("digits_transformer", "fp32", "READY")
+        ]
+    );
 }
 
 #[tokio::test]
@@ -123,6 +131,65 @@ async fn digits_inference_matches_onnx_runtime_reference() {
         eprintln!("{model}: accuracy {accuracy:.4}, max abs diff vs ORT reference {max_abs:e}");
         assert!(max_abs <= 1e-5, "{model}: max abs diff {max_abs}");
         assert!(accuracy > 0.95, "{model}: accuracy {accuracy}");
+    }
+}
+
+#[tokio::test]
+async fn fp16_variant_serves_the_digits_split_within_tolerance() {
+    let server = TestServer::start(&example_store());
+    let mut client = server.wait_ready().await;
+    for model in ["digits_cnn", "digits_transformer"] {
+        let config = client
+            .model_config(ModelConfigRequest { name: model.into(), version: "fp16".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .config
+            .unwrap();
+        assert_eq!(config.parameters["precision"].string_value, "fp16");
+        let converted: usize = config.parameters["fp16_nodes_converted"].string_value.parse().unwrap();
+        assert!(converted > 0, "{model}: nothing converted");
+        assert_eq!(config.input[0].data_type, DataType::TypeFp32 as i32, "keep_io_types keeps FP32 inputs");
+
+        let (input, labels, reference) = load_npz(&example_store().join(model).join("test_data.npz"));
+        let rows = input.shape()[0];
+        let row_elements: usize = input.shape()[1..].iter().product();
+        let flat: Vec<f32> = input.iter().copied().collect();
+        let reference: Vec<f32> = reference.iter().copied().collect();
+        let mut shape: Vec<i64> = input.shape().iter().map(|&d| d as i64).collect();
+        let (mut dot, mut norm_a, mut norm_b) = (0f64, 0f64, 0f64);
+        let (mut correct_fp16, mut correct_fp32) = (0, 0);
+        for start in (0..rows).step_by(64) {
+            let batch = (rows - start).min(64);
+            shape[0] = batch as i64;
+            let request = ModelInferRequest {
+                model_name: model.into(),
+                model_version: "fp16".into(),
+                inputs: vec![InferInputTensor { name: "input".into(), datatype: "FP32".into(), shape: shape.clone(), ..Default::default() }],
+                raw_input_contents: vec![f32_bytes(&flat[start * row_elements..(start + batch) * row_elements])],
+                ..Default::default()
+            };
+            let response = client.model_infer(request).await.unwrap().into_inner();
+            assert_eq!(response.model_version, "fp16");
+            assert_eq!(response.outputs[0].datatype, "FP32");
+            let logits = f32_values(&response.raw_output_contents[0]);
+            for row in 0..batch {
+                let got = &logits[row * 10..row * 10 + 10];
+                let want = &reference[(start + row) * 10..(start + row) * 10 + 10];
+                for (g, w) in got.iter().zip(want) {
+                    dot += f64::from(*g) * f64::from(*w);
+                    norm_a += f64::from(*g) * f64::from(*g);
+                    norm_b += f64::from(*w) * f64::from(*w);
+                }
+                let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as i64;
+                correct_fp16 += usize::from(argmax(got) == labels[[start + row]]);
+                correct_fp32 += usize::from(argmax(want) == labels[[start + row]]);
+            }
+        }
+        let cosine = dot / (norm_a.sqrt() * norm_b.sqrt());
+        eprintln!("{model} fp16: cosine {cosine:.6}, accuracy {correct_fp16}/{rows} (fp32 {correct_fp32}/{rows})");
+        assert!(cosine >= 0.999, "{model}: cosine {cosine}");
+        assert!(correct_fp16 + rows / 100 >= correct_fp32, "{model}: fp16 {correct_fp16} vs fp32 {correct_fp32}");
     }
 }
 

@@ -1,0 +1,69 @@
+//! Turns a variant of a policy into the model ONNX Runtime loads: the FP32 file as it is, or
+//! the output of the variant's precision pass, built in memory at startup.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mantissa_model_store::{ModelEntry, Precision, VariantSpec};
+use mantissa_quantize::fp16::convert_to_fp16;
+use mantissa_quantize::{load_model, to_bytes};
+
+/// Where a session reads its model from.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    File(PathBuf),
+    Memory(Arc<[u8]>),
+}
+
+/// A variant's model plus facts about how it was built, shown in ModelConfig parameters.
+#[derive(Debug, Clone)]
+pub struct BuiltVariant {
+    pub source: ModelSource,
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// Builds the model of `spec` (blocking; may take a while for large models).
+pub fn build_variant(entry: &ModelEntry, spec: &VariantSpec) -> Result<BuiltVariant, String> {
+    let started = Instant::now();
+    let mut parameters = BTreeMap::new();
+    parameters.insert("precision".to_owned(), spec.precision.as_str().to_owned());
+    let source = match spec.precision {
+        Precision::Fp32 => {
+            let bytes = std::fs::metadata(&entry.model_path).map(|m| m.len()).unwrap_or(0);
+            parameters.insert("artifact_bytes".to_owned(), bytes.to_string());
+            ModelSource::File(entry.model_path.clone())
+        }
+        Precision::Fp16 => {
+            let options = spec.fp16.clone().unwrap_or_default();
+            let mut model = load_model(&entry.model_path).map_err(|err| err.to_string())?;
+            let report = convert_to_fp16(&mut model, &options).map_err(|err| format!("fp16 pass: {err}"))?;
+            let bytes = to_bytes(&model);
+            if bytes.len() > i32::MAX as usize {
+                return Err(format!("the FP16 model is {} bytes, over protobuf's 2 GiB limit", bytes.len()));
+            }
+            tracing::info!(
+                model = %entry.name,
+                variant = %spec.name,
+                pass = "fp16",
+                converted = report.nodes_converted,
+                kept_fp32 = report.nodes_kept.len(),
+                casts = report.casts_inserted,
+                clamped = report.values_clamped,
+                bytes = bytes.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "built variant"
+            );
+            parameters.insert("artifact_bytes".to_owned(), bytes.len().to_string());
+            parameters.insert("fp16_nodes_converted".to_owned(), report.nodes_converted.to_string());
+            parameters.insert("fp16_nodes_kept_fp32".to_owned(), report.nodes_kept.len().to_string());
+            parameters.insert("fp16_casts_inserted".to_owned(), report.casts_inserted.to_string());
+            parameters.insert("fp16_values_clamped".to_owned(), report.values_clamped.to_string());
+            parameters.insert("fp16_keep_io_types".to_owned(), options.keep_io_types.to_string());
+            ModelSource::Memory(bytes.into())
+        }
+    };
+    parameters.insert("build_ms".to_owned(), started.elapsed().as_millis().to_string());
+    Ok(BuiltVariant { source, parameters })
+}
