@@ -132,6 +132,9 @@ pub enum KeepReason {
     FeedsFp32,
     /// Operator of a domain the pass does not know (e.g. ai.onnx.ml).
     ForeignDomain,
+    /// Reads a value whose element type cannot be determined (e.g. an undeclared output of a
+    /// custom operator), so converting could mix types.
+    UnknownInputType,
 }
 
 impl fmt::Display for KeepReason {
@@ -148,6 +151,7 @@ impl fmt::Display for KeepReason {
             KeepReason::ControlFlow => f.write_str("control flow boundary (subgraph converted)"),
             KeepReason::FeedsFp32 => f.write_str("constant read by FP32 work"),
             KeepReason::ForeignDomain => f.write_str("operator domain not converted"),
+            KeepReason::UnknownInputType => f.write_str("input of unknown element type"),
         }
     }
 }
@@ -298,7 +302,7 @@ fn convert_graph(
             continue;
         }
         let internal = names.fresh(&format!("{output}_{}", suffix(produced)));
-        rename_value(graph, output, &internal);
+        rename_value(graph, output, &internal, false);
         renamed_types.insert(internal.clone(), elem::FLOAT);
         after_node.entry(producer).or_default().push(cast_node(names, &internal, output, io_precision));
         report.casts_inserted += 1;
@@ -322,7 +326,9 @@ fn convert_graph(
     let graph_outputs: HashSet<&str> = output_names.iter().map(String::as_str).collect();
     let mut narrowed_initializers = HashSet::new();
     for tensor in &mut graph.initializer {
-        if tensor.data_type() != elem::FLOAT {
+        // An initializer also declared as a graph input (IR < 4 style) can be overridden by the
+        // caller, so it keeps the input's type.
+        if tensor.data_type() != elem::FLOAT || input_names.iter().any(|name| name == tensor.name()) {
             continue;
         }
         let name = tensor.name().to_owned();
@@ -382,7 +388,7 @@ fn convert_graph(
                     if resolved != name {
                         for attribute in &mut node.attribute {
                             for subgraph in attribute.g.iter_mut().chain(attribute.graphs.iter_mut()) {
-                                rename_value(subgraph, &name, &resolved);
+                                rename_value(subgraph, &name, &resolved, true);
                             }
                         }
                     }
@@ -506,9 +512,11 @@ impl Rewriter<'_, '_> {
     }
 }
 
-/// Renames every read of `from` in `graph` (node inputs, outputs of the graph, and nested
-/// subgraphs) and its definition, if this graph defines it.
-fn rename_value(graph: &mut GraphProto, from: &str, to: &str) {
+/// Renames every read of `from` in `graph` (node inputs, value_info and nested subgraphs,
+/// including what a subgraph returns) and its definition, if this graph defines it. The
+/// graph's own outputs are renamed only when `rename_outputs` is set: a main graph keeps its
+/// output names, a subgraph that returns an outer value must return the renamed one.
+fn rename_value(graph: &mut GraphProto, from: &str, to: &str, rename_outputs: bool) {
     for node in &mut graph.node {
         for name in node.input.iter_mut().chain(node.output.iter_mut()) {
             if name == from {
@@ -520,12 +528,13 @@ fn rename_value(graph: &mut GraphProto, from: &str, to: &str) {
                 let shadows = subgraph.input.iter().any(|i| i.name() == from)
                     || subgraph.initializer.iter().any(|t| t.name() == from);
                 if !shadows {
-                    rename_value(subgraph, from, to);
+                    rename_value(subgraph, from, to, true);
                 }
             }
         }
     }
-    for info in &mut graph.value_info {
+    let outputs = graph.output.iter_mut().filter(|_| rename_outputs);
+    for info in graph.value_info.iter_mut().chain(outputs) {
         if info.name() == from {
             info.name = Some(to.to_owned());
         }
@@ -622,12 +631,15 @@ fn decide(graph: &GraphProto, types: &ElemTypes, index: &GraphIndex, rules: &Rul
             if has_subgraph(node) {
                 return Decision::Keep(KeepReason::ControlFlow);
             }
-            if op == "Cast" {
+            if matches!(op, "Cast" | "CastLike") {
                 let from_float = node.input.first().is_some_and(|i| is_float(types, i));
                 let to_float = node.output.first().is_some_and(|o| is_float(types, o));
                 if from_float != to_float {
                     return Decision::Keep(KeepReason::TypeBoundaryCast);
                 }
+            }
+            if node.input.iter().any(|input| !input.is_empty() && !types.contains_key(input)) {
+                return Decision::Keep(KeepReason::UnknownInputType);
             }
             if first.contains(&position) {
                 return Decision::Keep(KeepReason::FirstLayer);
@@ -643,7 +655,7 @@ fn decide(graph: &GraphProto, types: &ElemTypes, index: &GraphIndex, rules: &Rul
             }
             if options.keep_attention_probabilities
                 && matches!(op, "MatMul" | "Einsum")
-                && node.input.iter().any(|input| comes_from_softmax(graph, index, input))
+                && node.input.iter().any(|input| path_from_softmax(graph, index, input).is_some())
             {
                 return Decision::Keep(KeepReason::AttentionProbabilities);
             }
@@ -653,6 +665,21 @@ fn decide(graph: &GraphProto, types: &ElemTypes, index: &GraphIndex, rules: &Rul
             Decision::Convert
         })
         .collect();
+
+    // The probabilities reach a kept attention MatMul through FP32 pass-through ops too, or a
+    // Transpose in between would round them to FP16 and back.
+    for position in 0..nodes.len() {
+        if decisions[position] != Decision::Keep(KeepReason::AttentionProbabilities) {
+            continue;
+        }
+        for input in &nodes[position].input {
+            for on_path in path_from_softmax(graph, index, input).unwrap_or_default() {
+                if decisions[on_path] == Decision::Convert {
+                    decisions[on_path] = Decision::Keep(KeepReason::AttentionProbabilities);
+                }
+            }
+        }
+    }
 
     // Constants follow their readers: narrowing a constant only FP32 work reads would round
     // it for nothing.
@@ -699,24 +726,24 @@ fn first_and_last_compute(graph: &GraphProto, index: &GraphIndex) -> (HashSet<us
     (first, last)
 }
 
-/// True when `value` is a Softmax output, possibly through pass-through ops.
-fn comes_from_softmax(graph: &GraphProto, index: &GraphIndex, value: &str) -> bool {
+/// When `value` is a Softmax output, possibly through pass-through ops, the positions of
+/// those pass-through nodes (empty for a direct Softmax output).
+fn path_from_softmax(graph: &GraphProto, index: &GraphIndex, value: &str) -> Option<Vec<usize>> {
     let mut current = value.to_owned();
+    let mut path = Vec::new();
     for _ in 0..4 {
-        let Some(producer) = index.producer(&current) else {
-            return false;
-        };
+        let producer = index.producer(&current)?;
         let node = &graph.node[producer];
         match node.op_type() {
-            "Softmax" => return true,
-            op if PASS_THROUGH_OPS.contains(&op) => match node.input.first() {
-                Some(input) => current = input.clone(),
-                None => return false,
-            },
-            _ => return false,
+            "Softmax" => return Some(path),
+            op if PASS_THROUGH_OPS.contains(&op) => {
+                path.push(producer);
+                current = node.input.first()?.clone();
+            }
+            _ => return None,
         }
     }
-    false
+    None
 }
 
 /// Nodes of RMSNorm/LayerNorm-like subgraphs built from primitives: the square (Pow or

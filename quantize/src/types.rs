@@ -106,7 +106,19 @@ pub fn node_output_types(node: &NodeProto, types: &ElemTypes) -> Vec<Option<i32>
         "If" => subgraph_output_types(node, "then_branch", 0),
         "Loop" => subgraph_output_types(node, "body", 1),
         "Scan" => subgraph_output_types(node, "body", 0),
-        _ => all(first_known()),
+        // Every output has the data's type.
+        "Split" | "LSTM" | "GRU" | "RNN" | "BatchNormalization" | "LayerNormalization" => all(first_known()),
+        "MaxPool" => vec![first_known(), Some(elem::INT64)],
+        "Dropout" => vec![first_known(), Some(elem::BOOL)],
+        // Elsewhere only the first output is known to follow the inputs; extra outputs of an
+        // op without a rule stay unknown rather than guessed.
+        _ => {
+            let mut out = vec![None; count];
+            if let Some(first) = out.first_mut() {
+                *first = first_known();
+            }
+            out
+        }
     }
 }
 

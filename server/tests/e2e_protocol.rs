@@ -165,7 +165,12 @@ async fn fp16_variant_serves_the_digits_split_within_tolerance() {
             let request = ModelInferRequest {
                 model_name: model.into(),
                 model_version: "fp16".into(),
-                inputs: vec![InferInputTensor { name: "input".into(), datatype: "FP32".into(), shape: shape.clone(), ..Default::default() }],
+                inputs: vec![InferInputTensor {
+                    name: "input".into(),
+                    datatype: "FP32".into(),
+                    shape: shape.clone(),
+                    ..Default::default()
+                }],
                 raw_input_contents: vec![f32_bytes(&flat[start * row_elements..(start + batch) * row_elements])],
                 ..Default::default()
             };
