@@ -7,6 +7,8 @@
 //!   instances: 1
 //!   intra_op_threads: 1
 //!   intra_op_spinning: false
+//!   dynamic_batching: true
+//!   max_queue_delay: 2ms
 //! variants:
 //!   fp32:
 //!     precision: fp32
@@ -19,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use mantissa_quantize::fp16::Fp16Options;
 use serde::Deserialize;
@@ -79,11 +82,22 @@ pub struct ServingSettings {
     /// Whether idle intra-op threads spin waiting for work. Spinning lowers latency on a
     /// dedicated core but burns CPU that other sessions and the gRPC threads need.
     pub intra_op_spinning: bool,
+    /// Merge queued requests with matching shapes into one run, up to max_batch_size rows.
+    pub dynamic_batching: bool,
+    /// How long a worker holding a request waits for more to batch with it.
+    pub max_queue_delay: Duration,
 }
 
 impl Default for ServingSettings {
     fn default() -> Self {
-        Self { max_batch_size: None, instances: 1, intra_op_threads: 1, intra_op_spinning: false }
+        Self {
+            max_batch_size: None,
+            instances: 1,
+            intra_op_threads: 1,
+            intra_op_spinning: false,
+            dynamic_batching: true,
+            max_queue_delay: Duration::ZERO,
+        }
     }
 }
 
@@ -160,6 +174,8 @@ struct RawServing {
     instances: Option<u32>,
     intra_op_threads: Option<u32>,
     intra_op_spinning: Option<bool>,
+    dynamic_batching: Option<bool>,
+    max_queue_delay: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,7 +221,8 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
     if raw.variants.is_empty() {
         return Err(error(&["variants"], "at least one variant is required".to_owned()));
     }
-    let defaults = merge_serving(&ServingSettings::default(), &raw.serving);
+    let defaults = merge_serving(&ServingSettings::default(), &raw.serving)
+        .map_err(|message| error(&["serving", "max_queue_delay"], message))?;
     check_serving(&defaults, &["serving"], &error)?;
 
     let mut variants = Vec::with_capacity(raw.variants.len());
@@ -216,7 +233,8 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
                 format!("variant name `{name}` must be non-empty and use only letters, digits, '_', '-' or '.'"),
             ));
         }
-        let serving = merge_serving(&defaults, &variant.serving);
+        let serving = merge_serving(&defaults, &variant.serving)
+            .map_err(|message| error(&["variants", name, "serving", "max_queue_delay"], message))?;
         check_serving(&serving, &["variants", name, "serving"], &error)?;
         let fp16 = match (variant.precision, &variant.fp16) {
             (Precision::Fp16, options) => Some(options.clone().unwrap_or_default()),
@@ -260,13 +278,37 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
     Ok(Policy { source: Some(path.to_owned()), variants, default_variant })
 }
 
-fn merge_serving(base: &ServingSettings, raw: &RawServing) -> ServingSettings {
-    ServingSettings {
+fn merge_serving(base: &ServingSettings, raw: &RawServing) -> Result<ServingSettings, String> {
+    let max_queue_delay = match &raw.max_queue_delay {
+        Some(text) => parse_delay(text)?,
+        None => base.max_queue_delay,
+    };
+    Ok(ServingSettings {
         max_batch_size: raw.max_batch_size.or(base.max_batch_size),
         instances: raw.instances.unwrap_or(base.instances),
         intra_op_threads: raw.intra_op_threads.unwrap_or(base.intra_op_threads),
         intra_op_spinning: raw.intra_op_spinning.unwrap_or(base.intra_op_spinning),
+        dynamic_batching: raw.dynamic_batching.unwrap_or(base.dynamic_batching),
+        max_queue_delay,
+    })
+}
+
+/// Parses `500us`, `2ms` or `0.01s`; at most one second.
+fn parse_delay(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("expected a delay like 500us, 2ms or 0.01s, got '{text}'"))?;
+    let seconds = match unit {
+        "us" => value / 1e6,
+        "ms" => value / 1e3,
+        "s" => value,
+        _ => return Err(format!("expected a delay like 500us, 2ms or 0.01s, got '{text}'")),
+    };
+    if !(0.0..=1.0).contains(&seconds) {
+        return Err(format!("expected a delay between 0 and 1s, got '{text}'"));
     }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 fn check_serving(
@@ -310,7 +352,14 @@ mod tests {
         assert_eq!(policy.default_variant, "fp32");
         assert_eq!(
             policy.variants[0].serving,
-            ServingSettings { max_batch_size: Some(16), instances: 2, intra_op_threads: 4, intra_op_spinning: false }
+            ServingSettings {
+                max_batch_size: Some(16),
+                instances: 2,
+                intra_op_threads: 4,
+                intra_op_spinning: false,
+                dynamic_batching: true,
+                max_queue_delay: Duration::ZERO,
+            }
         );
     }
 
@@ -370,6 +419,15 @@ mod tests {
         let err = parse("variants:\n  h:\n    precision: fp16\n    fp16:\n      node_block_list: ['(']\n").unwrap_err();
         assert_eq!((err.line, err.key.as_str()), (Some(5), "variants.h.fp16.node_block_list"));
         assert!(err.message.contains("'(' is not a valid regular expression"), "{err}");
+    }
+
+    #[test]
+    fn queue_delay_parses_with_units_and_is_bounded() {
+        let policy = parse("serving:\n  max_queue_delay: 500us\nvariants:\n  a:\n    precision: fp32\n    serving:\n      max_queue_delay: 2ms\n").unwrap();
+        assert_eq!(policy.variants[0].serving.max_queue_delay, Duration::from_millis(2));
+        let err = parse("serving:\n  max_queue_delay: 5h\nvariants:\n  a:\n    precision: fp32\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(2), "serving.max_queue_delay"));
+        assert!(err.message.contains("'5h'"), "{err}");
     }
 
     #[test]

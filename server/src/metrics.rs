@@ -7,6 +7,10 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS_TOTAL: &str = "mantissa_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "mantissa_request_duration_seconds";
+pub const BATCH_SIZE: &str = "mantissa_batch_size";
+
+/// Requests merged into one run: 1, 2, 4, ... 256.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
 /// Latency buckets from 100 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] =
@@ -17,9 +21,12 @@ pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
         .map_err(|err| err.to_string())?
+        .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.to_owned()), BATCH_BUCKETS)
+        .map_err(|err| err.to_string())?
         .install_recorder()
         .map_err(|err| err.to_string())?;
     metrics::describe_counter!(REQUESTS_TOTAL, "Inference requests by model, variant and outcome");
+    metrics::describe_histogram!(BATCH_SIZE, "Requests merged into one ONNX Runtime run");
     metrics::describe_histogram!(
         REQUEST_DURATION_SECONDS,
         metrics::Unit::Seconds,

@@ -171,6 +171,8 @@ impl Registry {
                     max_batch_size: variant.spec.serving.max_batch_size,
                     default_max_batch_size: defaults.max_batch_size,
                     queue_capacity: defaults.queue_capacity,
+                    dynamic_batching: variant.spec.serving.dynamic_batching,
+                    max_queue_delay: variant.spec.serving.max_queue_delay,
                 };
                 match WorkerPool::start(Arc::clone(environment), config) {
                     Ok(pool) => {

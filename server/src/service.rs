@@ -231,6 +231,12 @@ impl GrpcInferenceService for InferenceService {
             }],
             default_model_filename: "model.onnx".to_owned(),
             parameters,
+            scheduling_choice: (signature.batches() && serving.dynamic_batching).then(|| {
+                model_config::SchedulingChoice::DynamicBatching(ModelDynamicBatching {
+                    max_queue_delay_microseconds: serving.max_queue_delay.as_micros() as u64,
+                    ..Default::default()
+                })
+            }),
             ..Default::default()
         };
         Ok(Response::new(ModelConfigResponse { config: Some(config) }))

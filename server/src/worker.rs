@@ -34,6 +34,10 @@ pub struct WorkerPoolConfig {
     pub max_batch_size: Option<u32>,
     pub default_max_batch_size: u32,
     pub queue_capacity: usize,
+    /// Merge compatible queued requests into one run (only for models that batch).
+    pub dynamic_batching: bool,
+    /// How long to wait for more requests once one is in hand.
+    pub max_queue_delay: std::time::Duration,
 }
 
 /// A running set of workers for one variant.
@@ -163,15 +167,85 @@ fn worker_main(
     if ready.send(Ok(signature.clone())).is_err() {
         return;
     }
-    while let Ok(job) = jobs.recv() {
-        if job.reply.is_closed() {
-            // The caller went away (cancelled or timed out) while queued: skip the work.
-            tracing::debug!(variant = %config.label, id = %job.request.id, "dropping request whose client is gone");
+    let batching = config.dynamic_batching && signature.batches();
+    let max_rows = signature.max_batch_size as usize;
+    let mut held: Option<Job> = None;
+    loop {
+        let first = match held.take() {
+            Some(job) => job,
+            None => match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => break,
+            },
+        };
+        if is_abandoned(&first, &config.label) {
             continue;
         }
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&mut session, &signature, &job.request)))
-                .unwrap_or_else(|_| Err(ServeError::Execution("the executor panicked; see server logs".to_owned())));
-        let _ = job.reply.send(result);
+        let mut batch = vec![first];
+        if batching {
+            let mut rows = crate::batching::rows(&batch[0].request);
+            let deadline = Instant::now() + config.max_queue_delay;
+            while rows < max_rows {
+                let next = if config.max_queue_delay.is_zero() {
+                    jobs.try_recv().ok()
+                } else {
+                    jobs.recv_deadline(deadline).ok()
+                };
+                let Some(job) = next else { break };
+                if is_abandoned(&job, &config.label) {
+                    continue;
+                }
+                let job_rows = crate::batching::rows(&job.request);
+                if rows + job_rows <= max_rows && crate::batching::compatible(&batch[0].request, &job.request) {
+                    rows += job_rows;
+                    batch.push(job);
+                } else {
+                    held = Some(job);
+                    break;
+                }
+            }
+        }
+        run_batch(&mut session, &signature, batch);
+    }
+}
+
+/// True (and logged) when the caller went away (cancelled or timed out) while queued.
+fn is_abandoned(job: &Job, label: &str) -> bool {
+    let abandoned = job.reply.is_closed();
+    if abandoned {
+        tracing::debug!(variant = %label, id = %job.request.id, "dropping request whose client is gone");
+    }
+    abandoned
+}
+
+fn run_batch(session: &mut ort::session::Session, signature: &ModelSignature, batch: Vec<Job>) {
+    let guarded = |work: &mut dyn FnMut() -> Result<Vec<Vec<OutputTensor>>, ServeError>| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+            .unwrap_or_else(|_| Err(ServeError::Execution("the executor panicked; see server logs".to_owned())))
+    };
+    metrics::histogram!(crate::metrics::BATCH_SIZE).record(batch.len() as f64);
+    if batch.len() == 1 {
+        let job = batch.into_iter().next().expect("one job");
+        let result = guarded(&mut || execute(session, signature, &job.request).map(|outputs| vec![outputs]));
+        let _ = job.reply.send(result.map(|mut all| all.remove(0)));
+        return;
+    }
+    let requests: Vec<&ValidRequest> = batch.iter().map(|job| &job.request).collect();
+    let result = guarded(&mut || {
+        let merged = crate::batching::merge(&requests, signature.outputs.len());
+        let outputs = execute(session, signature, &merged)?;
+        crate::batching::split(outputs, &requests)
+    });
+    match result {
+        Ok(per_request) => {
+            for (job, outputs) in batch.into_iter().zip(per_request) {
+                let _ = job.reply.send(Ok(outputs));
+            }
+        }
+        Err(err) => {
+            for job in batch {
+                let _ = job.reply.send(Err(err.clone()));
+            }
+        }
     }
 }
