@@ -136,3 +136,40 @@ async fn sigterm_during_load_finishes_every_accepted_request_and_exits_zero() {
     assert_eq!(status.code(), Some(0), "{}", server.logs());
     assert!(server.logs().contains("shutdown complete"), "{}", server.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_measures_a_server_and_the_in_process_baseline_in_one_run() {
+    let server = TestServer::start(&example_store());
+    server.wait_ready().await;
+    let output = mantissa_command()
+        .args(["bench", "--url", &server.url(), "--model", "digits_cnn", "--batch-size", "4", "--concurrency", "1,2"])
+        .args(["--requests", "40", "--warmup", "100ms", "--duration", "500ms", "--json"])
+        .arg("--input-data")
+        .arg(example_store().join("digits_cnn/test_data.npz"))
+        .arg("--in-process-store")
+        .arg(example_store())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let levels = report["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    for level in levels {
+        assert_eq!(level["requests"], 40, "{level}");
+        assert_eq!(level["errors"].as_object().unwrap().len(), 0, "{level}");
+        assert!(level["latency_ms_p50"].as_f64().unwrap() > 0.0);
+        assert!(level["latency_ms_p99"].as_f64().unwrap() >= level["latency_ms_p50"].as_f64().unwrap());
+    }
+    assert!(report["in_process"]["inferences_per_second"].as_f64().unwrap() > 0.0);
+    assert!(report["server_to_in_process_ratio"].as_f64().unwrap() > 0.0);
+
+    // Errors are counted by status code rather than aborting the run.
+    let output = mantissa_command()
+        .args(["bench", "--url", &server.url(), "--model", "digits_cnn", "--model-version", "fp32"])
+        .args(["--batch-size", "65", "--requests", "5", "--warmup", "0ms", "--json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["levels"][0]["errors"]["InvalidArgument"], 5, "{report}");
+}
