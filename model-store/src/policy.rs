@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mantissa_quantize::fp16::Fp16Options;
+use mantissa_quantize::int8::{Int8Mode, Int8Options};
 use serde::Deserialize;
 
 use crate::yaml_location::line_of_key;
@@ -58,6 +59,7 @@ impl fmt::Display for PolicyError {
 pub enum Precision {
     Fp32,
     Fp16,
+    Int8,
 }
 
 impl Precision {
@@ -65,6 +67,7 @@ impl Precision {
         match self {
             Precision::Fp32 => "fp32",
             Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
         }
     }
 }
@@ -102,17 +105,20 @@ impl Default for ServingSettings {
 }
 
 /// One named variant of a model.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VariantSpec {
     pub name: String,
     pub precision: Precision,
     /// Options of the FP16 pass (defaults when the policy gives none); only for fp16 variants.
     pub fp16: Option<Fp16Options>,
+    /// Options of the INT8 passes; only for int8 variants. A static variant's
+    /// `calibration_data` is resolved against the model's directory.
+    pub int8: Option<Int8Options>,
     pub serving: ServingSettings,
 }
 
 /// A validated policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     /// The file it came from, or `None` for the built-in default.
     pub source: Option<PathBuf>,
@@ -130,6 +136,7 @@ impl Policy {
                 name: "fp32".to_owned(),
                 precision: Precision::Fp32,
                 fp16: None,
+                int8: None,
                 serving: ServingSettings::default(),
             }],
             default_variant: "fp32".to_owned(),
@@ -185,6 +192,7 @@ struct RawVariant {
     #[serde(default)]
     serving: RawServing,
     fp16: Option<Fp16Options>,
+    int8: Option<Int8Options>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -254,7 +262,46 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
         {
             return Err(error(&["variants", name, "fp16", "node_block_list"], err.to_string()));
         }
-        variants.push(VariantSpec { name: name.clone(), precision: variant.precision, fp16, serving });
+        let int8 = match (variant.precision, &variant.int8) {
+            (Precision::Int8, options) => {
+                let mut options = options.clone().unwrap_or_default();
+                let at = |leaf: &'static str| -> Vec<&str> { vec!["variants", name, "int8", leaf] };
+                if let Err(err) = mantissa_quantize::int8::validate_options(&options) {
+                    return Err(error(&at("nodes_exclude"), err.to_string()));
+                }
+                match (&options.calibration_data, options.mode) {
+                    (None, Int8Mode::Static) => {
+                        return Err(error(
+                            &at("calibration_data"),
+                            "static mode needs calibration_data (a directory of .npz samples)".to_owned(),
+                        ));
+                    }
+                    (Some(data), _) => {
+                        let resolved = path.parent().unwrap_or(Path::new(".")).join(data);
+                        if !resolved.is_dir() {
+                            return Err(error(
+                                &at("calibration_data"),
+                                format!("directory {} does not exist", resolved.display()),
+                            ));
+                        }
+                        options.calibration_data = Some(resolved);
+                    }
+                    (None, _) => {}
+                }
+                Some(options)
+            }
+            (other, Some(_)) => {
+                return Err(error(
+                    &["variants", name, "int8"],
+                    format!(
+                        "an `int8` section needs `precision: int8`, but this variant has precision {}",
+                        other.as_str()
+                    ),
+                ));
+            }
+            (_, None) => None,
+        };
+        variants.push(VariantSpec { name: name.clone(), precision: variant.precision, fp16, int8, serving });
     }
 
     let default_variant = match &raw.routing.default {
@@ -428,6 +475,31 @@ mod tests {
         let err = parse("serving:\n  max_queue_delay: 5h\nvariants:\n  a:\n    precision: fp32\n").unwrap_err();
         assert_eq!((err.line, err.key.as_str()), (Some(2), "serving.max_queue_delay"));
         assert!(err.message.contains("'5h'"), "{err}");
+    }
+
+    #[test]
+    fn int8_variants_need_calibration_data_for_static_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("calibration")).unwrap();
+        let path = dir.path().join("policy.yaml");
+        let text = "variants:\n  q:\n    precision: int8\n    int8:\n      mode: static\n      calibration_data: calibration\n      calibration:\n        method: percentile\n";
+        let policy = Policy::parse(text, &path).unwrap();
+        let options = policy.variant("q").unwrap().int8.as_ref().unwrap();
+        assert_eq!(options.mode, Int8Mode::Static);
+        assert_eq!(options.calibration_data.as_deref(), Some(dir.path().join("calibration").as_path()));
+
+        let err =
+            Policy::parse("variants:\n  q:\n    precision: int8\n    int8:\n      mode: static\n", &path).unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(4), "variants.q.int8.calibration_data"));
+        let err = Policy::parse(
+            "variants:\n  q:\n    precision: int8\n    int8:\n      mode: static\n      calibration_data: nowhere\n",
+            &path,
+        )
+        .unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(6), "variants.q.int8.calibration_data"));
+        assert!(err.message.contains("does not exist"), "{err}");
+        let dynamic = Policy::parse("variants:\n  q:\n    precision: int8\n", &path).unwrap();
+        assert_eq!(dynamic.variants[0].int8.as_ref().unwrap().mode, Int8Mode::Dynamic);
     }
 
     #[test]

@@ -7,11 +7,16 @@
 //! - [`types`]: element-type inference for every value of a graph.
 //! - [`tensor`]: reading and writing initializer values.
 //! - [`fp16`]: the FP32 -> FP16 pass that keeps precision-sensitive work in FP32.
+//! - [`int8`] and [`int8_static`]: dynamic and static (QDQ) INT8; [`calibration`] holds the
+//!   range statistics static calibration streams into.
 //!
 //! No tokio, no gRPC and no ONNX Runtime here: a pass is a function from model to model.
 
+pub mod calibration;
 pub mod fp16;
 pub mod graph;
+pub mod int8;
+pub mod int8_static;
 pub mod model_io;
 pub mod tensor;
 pub mod types;

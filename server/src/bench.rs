@@ -228,37 +228,15 @@ fn requests_from_npz(
     specs: &[(String, DataType, Vec<i64>)],
     batch: usize,
 ) -> Result<Vec<Vec<PreparedInput>>, BenchError> {
-    use ndarray::{ArrayD, IxDyn, OwnedRepr};
-    use ndarray_npy::NpzReader;
-
-    let file = std::fs::File::open(path).map_err(|err| fail(format!("{}: {err}", path.display())))?;
-    let mut npz = NpzReader::new(file).map_err(|err| fail(format!("{}: {err}", path.display())))?;
-    let mut columns: Vec<(Vec<u8>, Vec<usize>, usize)> = Vec::new();
-    for (name, datatype, _) in specs {
-        macro_rules! read {
-            ($t:ty) => {{
-                let array: ArrayD<$t> = npz
-                    .by_name::<OwnedRepr<$t>, IxDyn>(name)
-                    .or_else(|_| npz.by_name::<OwnedRepr<$t>, IxDyn>(&format!("{name}.npy")))
-                    .map_err(|err| fail(format!("{}: input '{name}' as {datatype}: {err}", path.display())))?;
-                let shape = array.shape().to_vec();
-                let bytes: Vec<u8> = array.iter().flat_map(|v| v.to_le_bytes()).collect();
-                (bytes, shape, std::mem::size_of::<$t>())
-            }};
-        }
-        let column = match datatype {
-            DataType::Fp32 => read!(f32),
-            DataType::Fp64 => read!(f64),
-            DataType::Int64 => read!(i64),
-            DataType::Int32 => read!(i32),
-            DataType::Uint8 => read!(u8),
-            DataType::Int8 => read!(i8),
-            other => {
-                return Err(fail(format!("--input-data does not support {other} inputs; use random data")));
-            }
-        };
-        columns.push(column);
-    }
+    let wanted: Vec<(String, DataType)> = specs.iter().map(|(name, datatype, _)| (name.clone(), *datatype)).collect();
+    let arrays = crate::npz::read_inputs(path, &wanted).map_err(fail)?;
+    let columns: Vec<(Vec<u8>, Vec<usize>, usize)> = arrays
+        .into_iter()
+        .map(|array| {
+            let size = array.datatype.element_size().unwrap_or(1);
+            (array.raw, array.shape, size)
+        })
+        .collect();
     let rows = columns.iter().map(|(_, shape, _)| shape.first().copied().unwrap_or(0)).min().unwrap_or(0);
     if rows < batch {
         return Err(fail(format!("{} holds {rows} rows, fewer than --batch-size {batch}", path.display())));
@@ -446,7 +424,7 @@ async fn run_in_process(
         intra_op_spinning: spec.serving.intra_op_spinning,
     };
     let (warmup, duration) = (args.warmup, args.duration);
-    let model = crate::variant_build::build_variant(&entry, &spec).map_err(fail)?.source;
+    let model = crate::variant_build::build_variant(&environment, &entry, &spec).map_err(fail)?.source;
     let runs = tokio::task::spawn_blocking(move || -> Result<(u64, f64), String> {
         let barrier = Arc::new(std::sync::Barrier::new(instances as usize));
         let handles: Vec<_> = (0..instances)

@@ -7,12 +7,14 @@
 
 pub mod batching;
 pub mod bench;
+pub mod calibrate;
 pub mod cli;
 pub mod contents;
 pub mod datatype;
 pub mod error;
 pub mod executor;
 pub mod metrics;
+pub mod npz;
 pub mod ort_runtime;
 pub mod quantize_cmd;
 pub mod registry;

@@ -4,13 +4,30 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
-use mantissa_model_store::{Policy, Precision};
+use mantissa_model_store::{Policy, Precision, VariantSpec};
+use mantissa_quantize::calibration::CalibrationMethodKind;
 use mantissa_quantize::fp16::{Fp16Options, Fp16Report, convert_to_fp16};
+use mantissa_quantize::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic};
 use mantissa_quantize::{SaveOptions, load_model, save_model};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PrecisionArg {
     Fp16,
+    Int8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    Dynamic,
+    Static,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MethodArg {
+    Minmax,
+    Percentile,
+    Entropy,
+    Mse,
 }
 
 #[derive(Debug, Args)]
@@ -36,27 +53,100 @@ pub struct QuantizeArgs {
     /// List every node kept in FP32 with its reason.
     #[arg(long)]
     pub verbose: bool,
+    /// INT8: quantize activations at run time (dynamic) or with calibrated ranges (static).
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+    /// INT8 static: directory of calibration samples (.npz, keys = input names; .npy for one input).
+    #[arg(long)]
+    pub calibration_data: Option<PathBuf>,
+    /// INT8 static: how activation ranges are chosen.
+    #[arg(long, value_enum)]
+    pub calibration_method: Option<MethodArg>,
+    /// INT8 static with --calibration-method percentile: the percentile kept.
+    #[arg(long)]
+    pub percentile: Option<f64>,
+    /// ONNX Runtime library, for static calibration.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_library: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct QuantizeError(String);
 
-fn options_from_policy(path: &Path, variant: Option<&str>) -> Result<Fp16Options, QuantizeError> {
-    let policy = Policy::load(path).map_err(|err| QuantizeError(err.to_string()))?;
+fn variant_from_policy<'p>(
+    policy: &'p Policy,
+    path: &Path,
+    variant: Option<&str>,
+    precision: Precision,
+) -> Result<&'p VariantSpec, QuantizeError> {
     let spec = match variant {
         Some(name) => {
             policy.variant(name).ok_or_else(|| QuantizeError(format!("{}: no variant '{name}'", path.display())))?
         }
-        None => policy
-            .variants
-            .iter()
-            .find(|v| v.precision == Precision::Fp16)
-            .ok_or_else(|| QuantizeError(format!("{}: no variant with precision fp16", path.display())))?,
+        None => policy.variants.iter().find(|v| v.precision == precision).ok_or_else(|| {
+            QuantizeError(format!("{}: no variant with precision {}", path.display(), precision.as_str()))
+        })?,
     };
-    spec.fp16
-        .clone()
-        .ok_or_else(|| QuantizeError(format!("{}: variant '{}' is not an fp16 variant", path.display(), spec.name)))
+    if spec.precision != precision {
+        return Err(QuantizeError(format!(
+            "{}: variant '{}' is not a {} variant",
+            path.display(),
+            spec.name,
+            precision.as_str()
+        )));
+    }
+    Ok(spec)
+}
+
+fn fp16_options(args: &QuantizeArgs) -> Result<Fp16Options, QuantizeError> {
+    match &args.policy {
+        Some(path) => {
+            let policy = Policy::load(path).map_err(|err| QuantizeError(err.to_string()))?;
+            Ok(variant_from_policy(&policy, path, args.variant.as_deref(), Precision::Fp16)?
+                .fp16
+                .clone()
+                .unwrap_or_default())
+        }
+        None => Ok(Fp16Options::default()),
+    }
+}
+
+fn int8_options(args: &QuantizeArgs) -> Result<Int8Options, QuantizeError> {
+    let mut options = match &args.policy {
+        Some(path) => {
+            let policy = Policy::load(path).map_err(|err| QuantizeError(err.to_string()))?;
+            variant_from_policy(&policy, path, args.variant.as_deref(), Precision::Int8)?
+                .int8
+                .clone()
+                .unwrap_or_default()
+        }
+        None => Int8Options::default(),
+    };
+    if let Some(mode) = args.mode {
+        options.mode = match mode {
+            ModeArg::Dynamic => Int8Mode::Dynamic,
+            ModeArg::Static => Int8Mode::Static,
+        };
+    }
+    if let Some(data) = &args.calibration_data {
+        options.calibration_data = Some(data.clone());
+    }
+    if let Some(method) = args.calibration_method {
+        options.calibration.method = match method {
+            MethodArg::Minmax => CalibrationMethodKind::MinMax,
+            MethodArg::Percentile => CalibrationMethodKind::Percentile,
+            MethodArg::Entropy => CalibrationMethodKind::Entropy,
+            MethodArg::Mse => CalibrationMethodKind::Mse,
+        };
+    }
+    if let Some(percentile) = args.percentile {
+        options.calibration.percentile = percentile;
+    }
+    if options.mode == Int8Mode::Static && options.calibration_data.is_none() {
+        return Err(QuantizeError("--mode static needs --calibration-data DIR (or a policy that names it)".to_owned()));
+    }
+    Ok(options)
 }
 
 /// Bytes of a model file plus the external-data files beside it that it references.
@@ -79,46 +169,89 @@ fn stored_size(path: &Path) -> u64 {
 }
 
 pub fn run(args: &QuantizeArgs) -> Result<(), QuantizeError> {
-    let options = match &args.policy {
-        Some(path) => options_from_policy(path, args.variant.as_deref())?,
-        None => Fp16Options::default(),
-    };
     let started = std::time::Instant::now();
     let mut model = load_model(&args.model).map_err(|err| QuantizeError(err.to_string()))?;
-    let report = convert_to_fp16(&mut model, &options)
-        .map_err(|err| QuantizeError(format!("{}: {err}", args.model.display())))?;
+    let summary = match args.precision {
+        PrecisionArg::Fp16 => {
+            let report = convert_to_fp16(&mut model, &fp16_options(args)?)
+                .map_err(|err| QuantizeError(format!("{}: {err}", args.model.display())))?;
+            Summary::Fp16(report)
+        }
+        PrecisionArg::Int8 => {
+            let options = int8_options(args)?;
+            let environment = if options.mode == Int8Mode::Static {
+                let library = crate::ort_runtime::locate_library(args.ort_library.as_deref())
+                    .map_err(|err| QuantizeError(err.to_string()))?;
+                Some(crate::ort_runtime::init_environment(&library).map_err(|err| QuantizeError(err.to_string()))?)
+            } else {
+                None
+            };
+            let report = match &environment {
+                Some(environment) => crate::variant_build::quantize_int8(environment, &mut model, &options, "quantize"),
+                None => quantize_dynamic(&mut model, &options).map_err(|err| err.to_string()),
+            }
+            .map_err(|err| QuantizeError(format!("{}: {err}", args.model.display())))?;
+            Summary::Int8(report, options.mode)
+        }
+    };
     let save = SaveOptions { external_file: args.external_data.clone(), threshold: 1024 };
     save_model(&model, &args.output, &save).map_err(|err| QuantizeError(err.to_string()))?;
-    let elapsed = started.elapsed();
-    print_summary(args, &report, elapsed);
+    print_summary(args, &summary, started.elapsed());
     Ok(())
 }
 
-fn print_summary(args: &QuantizeArgs, report: &Fp16Report, elapsed: std::time::Duration) {
+enum Summary {
+    Fp16(Fp16Report),
+    Int8(Int8Report, Int8Mode),
+}
+
+fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Duration) {
     let before = stored_size(&args.model);
     let after = stored_size(&args.output);
+    let precision = match summary {
+        Summary::Fp16(_) => "fp16".to_owned(),
+        Summary::Int8(_, mode) => format!("int8 {mode:?}").to_lowercase(),
+    };
     println!(
-        "{} -> {} (fp16) in {:.1} ms",
+        "{} -> {} ({precision}) in {:.1} ms",
         args.model.display(),
         args.output.display(),
         elapsed.as_secs_f64() * 1000.0
     );
-    println!("  nodes converted to FP16: {}", report.nodes_converted);
-    println!("  nodes kept in FP32:      {}", report.nodes_kept.len());
-    for (reason, count) in report.kept_by_reason() {
-        println!("    {count:>5}  {reason}");
-    }
-    if args.verbose {
-        for (node, op, reason) in &report.nodes_kept {
-            println!("      {node} ({op}): {reason}");
+    match summary {
+        Summary::Fp16(report) => {
+            println!("  nodes converted to FP16: {}", report.nodes_converted);
+            println!("  nodes kept in FP32:      {}", report.nodes_kept.len());
+            for (reason, count) in report.kept_by_reason() {
+                println!("    {count:>5}  {reason}");
+            }
+            if args.verbose {
+                for (node, op, reason) in &report.nodes_kept {
+                    println!("      {node} ({op}): {reason}");
+                }
+            }
+            println!("  casts inserted:          {}", report.casts_inserted);
+            println!(
+                "  initializers converted:  {} (+{} FP16 copies)",
+                report.initializers_converted, report.initializer_copies
+            );
+            println!("  values clamped to ±65504: {}", report.values_clamped);
+        }
+        Summary::Int8(report, _) => {
+            println!("  nodes quantized:         {}", report.quantized.len());
+            println!("  nodes kept in FP32:      {}", report.skipped.len());
+            for (node, op, reason) in &report.skipped {
+                println!("      {node} ({op}): {reason}");
+            }
+            if args.verbose {
+                for (node, op) in &report.quantized {
+                    println!("      quantized {node} ({op})");
+                }
+            }
+            println!("  activations with Q/DQ:   {}", report.activations_quantized);
+            println!("  weight bytes:            {} -> {}", report.weight_bytes_before, report.weight_bytes_after);
         }
     }
-    println!("  casts inserted:          {}", report.casts_inserted);
-    println!(
-        "  initializers converted:  {} (+{} FP16 copies)",
-        report.initializers_converted, report.initializer_copies
-    );
-    println!("  values clamped to ±65504: {}", report.values_clamped);
     let ratio = if before > 0 { after as f64 / before as f64 } else { 0.0 };
     println!("  size: {before} -> {after} bytes ({ratio:.2}x)");
 }

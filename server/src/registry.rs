@@ -152,7 +152,7 @@ impl Registry {
             for variant in &model.variants {
                 let label = format!("{}:{}", model.name(), variant.spec.name);
                 let started = std::time::Instant::now();
-                let built = match build_variant(&model.entry, &variant.spec) {
+                let built = match build_variant(environment, &model.entry, &variant.spec) {
                     Ok(built) => built,
                     Err(reason) => {
                         tracing::error!(model = model.name(), variant = %variant.spec.name, %reason, "variant failed to build");

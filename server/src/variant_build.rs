@@ -8,7 +8,11 @@ use std::time::Instant;
 
 use mantissa_model_store::{ModelEntry, Precision, VariantSpec};
 use mantissa_quantize::fp16::convert_to_fp16;
+use mantissa_quantize::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic};
+use mantissa_quantize::int8_static::{quantize_static, tensors_to_calibrate};
+use mantissa_quantize::onnx::ModelProto;
 use mantissa_quantize::{load_model, to_bytes};
+use ort::environment::Environment;
 
 /// Where a session reads its model from.
 #[derive(Debug, Clone)]
@@ -24,8 +28,13 @@ pub struct BuiltVariant {
     pub parameters: BTreeMap<String, String>,
 }
 
-/// Builds the model of `spec` (blocking; may take a while for large models).
-pub fn build_variant(entry: &ModelEntry, spec: &VariantSpec) -> Result<BuiltVariant, String> {
+/// Builds the model of `spec` (blocking; may take a while for large models). Static INT8
+/// calibration runs the FP32 model on `environment`.
+pub fn build_variant(
+    environment: &Environment,
+    entry: &ModelEntry,
+    spec: &VariantSpec,
+) -> Result<BuiltVariant, String> {
     let started = Instant::now();
     let mut parameters = BTreeMap::new();
     parameters.insert("precision".to_owned(), spec.precision.as_str().to_owned());
@@ -63,7 +72,58 @@ pub fn build_variant(entry: &ModelEntry, spec: &VariantSpec) -> Result<BuiltVari
             parameters.insert("fp16_keep_io_types".to_owned(), options.keep_io_types.to_string());
             ModelSource::Memory(bytes.into())
         }
+        Precision::Int8 => {
+            let options = spec.int8.clone().unwrap_or_default();
+            let mut model = load_model(&entry.model_path).map_err(|err| err.to_string())?;
+            let label = format!("{}:{}", entry.name, spec.name);
+            let report = quantize_int8(environment, &mut model, &options, &label)?;
+            let bytes = to_bytes(&model);
+            tracing::info!(
+                model = %entry.name,
+                variant = %spec.name,
+                pass = "int8",
+                mode = ?options.mode,
+                quantized = report.quantized.len(),
+                kept_fp32 = report.skipped.len(),
+                activations = report.activations_quantized,
+                bytes = bytes.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "built variant"
+            );
+            parameters.insert("artifact_bytes".to_owned(), bytes.len().to_string());
+            parameters.insert("int8_mode".to_owned(), format!("{:?}", options.mode).to_lowercase());
+            parameters.insert("int8_nodes_quantized".to_owned(), report.quantized.len().to_string());
+            parameters.insert("int8_nodes_kept_fp32".to_owned(), report.skipped.len().to_string());
+            parameters.insert("int8_activations_quantized".to_owned(), report.activations_quantized.to_string());
+            parameters.insert("int8_per_channel".to_owned(), options.per_channel.to_string());
+            if options.mode == Int8Mode::Static {
+                parameters.insert(
+                    "int8_calibration_method".to_owned(),
+                    format!("{:?}", options.calibration.method).to_lowercase(),
+                );
+            }
+            ModelSource::Memory(bytes.into())
+        }
     };
     parameters.insert("build_ms".to_owned(), started.elapsed().as_millis().to_string());
     Ok(BuiltVariant { source, parameters })
+}
+
+/// Runs the INT8 pass of `options` on `model`: dynamic directly, static after calibrating on
+/// `options.calibration_data`.
+pub fn quantize_int8(
+    environment: &Environment,
+    model: &mut ModelProto,
+    options: &Int8Options,
+    label: &str,
+) -> Result<Int8Report, String> {
+    match options.mode {
+        Int8Mode::Dynamic => quantize_dynamic(model, options).map_err(|err| format!("int8 dynamic: {err}")),
+        Int8Mode::Static => {
+            let data = options.calibration_data.as_ref().ok_or("static INT8 needs calibration_data")?;
+            let tensors = tensors_to_calibrate(model, options).map_err(|err| format!("int8 static: {err}"))?;
+            let ranges = crate::calibrate::calibrate(environment, model, &tensors, data, &options.calibration, label)?;
+            quantize_static(model, options, &ranges).map_err(|err| format!("int8 static: {err}"))
+        }
+    }
 }

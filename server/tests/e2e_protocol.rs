@@ -44,7 +44,7 @@ async fn metadata_and_config_describe_batching_models() {
         .unwrap()
         .into_inner();
     assert_eq!(metadata.platform, "onnxruntime_onnx");
-    assert_eq!(metadata.versions, vec!["fp16", "fp32"]);
+    assert_eq!(metadata.versions, vec!["fp16", "fp32", "int8"]);
     assert_eq!(metadata.inputs[0].name, "input");
     assert_eq!(metadata.inputs[0].datatype, "FP32");
     assert_eq!(metadata.inputs[0].shape, vec![-1, 1, 8, 8]);
@@ -78,8 +78,10 @@ async fn metadata_and_config_describe_batching_models() {
         vec![
             ("digits_cnn", "fp16", "READY"),
             ("digits_cnn", "fp32", "READY"),
+            ("digits_cnn", "int8", "READY"),
             ("digits_transformer", "fp16", "READY"),
-            ("digits_transformer", "fp32", "READY")
+            ("digits_transformer", "fp32", "READY"),
+            ("digits_transformer", "int8", "READY")
         ]
     );
 }
@@ -135,20 +137,29 @@ async fn digits_inference_matches_onnx_runtime_reference() {
 }
 
 #[tokio::test]
-async fn fp16_variant_serves_the_digits_split_within_tolerance() {
+async fn reduced_precision_variants_serve_the_digits_split_within_tolerance() {
     let server = TestServer::start(&example_store());
     let mut client = server.wait_ready().await;
-    for model in ["digits_cnn", "digits_transformer"] {
+    for (model, version, min_cosine) in [
+        ("digits_cnn", "fp16", 0.999),
+        ("digits_transformer", "fp16", 0.999),
+        ("digits_cnn", "int8", 0.99),
+        ("digits_transformer", "int8", 0.99),
+    ] {
         let config = client
-            .model_config(ModelConfigRequest { name: model.into(), version: "fp16".into() })
+            .model_config(ModelConfigRequest { name: model.into(), version: version.into() })
             .await
             .unwrap()
             .into_inner()
             .config
             .unwrap();
-        assert_eq!(config.parameters["precision"].string_value, "fp16");
-        let converted: usize = config.parameters["fp16_nodes_converted"].string_value.parse().unwrap();
-        assert!(converted > 0, "{model}: nothing converted");
+        assert_eq!(config.parameters["precision"].string_value, version);
+        let changed: usize = config.parameters
+            [&format!("{version}_nodes_{}", if version == "fp16" { "converted" } else { "quantized" })]
+            .string_value
+            .parse()
+            .unwrap();
+        assert!(changed > 0, "{model} {version}: nothing changed");
         assert_eq!(config.input[0].data_type, DataType::TypeFp32 as i32, "keep_io_types keeps FP32 inputs");
 
         let (input, labels, reference) = load_npz(&example_store().join(model).join("test_data.npz"));
@@ -158,13 +169,13 @@ async fn fp16_variant_serves_the_digits_split_within_tolerance() {
         let reference: Vec<f32> = reference.iter().copied().collect();
         let mut shape: Vec<i64> = input.shape().iter().map(|&d| d as i64).collect();
         let (mut dot, mut norm_a, mut norm_b) = (0f64, 0f64, 0f64);
-        let (mut correct_fp16, mut correct_fp32) = (0, 0);
+        let (mut correct_variant, mut correct_fp32) = (0, 0);
         for start in (0..rows).step_by(64) {
             let batch = (rows - start).min(64);
             shape[0] = batch as i64;
             let request = ModelInferRequest {
                 model_name: model.into(),
-                model_version: "fp16".into(),
+                model_version: version.into(),
                 inputs: vec![InferInputTensor {
                     name: "input".into(),
                     datatype: "FP32".into(),
@@ -175,7 +186,7 @@ async fn fp16_variant_serves_the_digits_split_within_tolerance() {
                 ..Default::default()
             };
             let response = client.model_infer(request).await.unwrap().into_inner();
-            assert_eq!(response.model_version, "fp16");
+            assert_eq!(response.model_version, version);
             assert_eq!(response.outputs[0].datatype, "FP32");
             let logits = f32_values(&response.raw_output_contents[0]);
             for row in 0..batch {
@@ -187,14 +198,19 @@ async fn fp16_variant_serves_the_digits_split_within_tolerance() {
                     norm_b += f64::from(*w) * f64::from(*w);
                 }
                 let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as i64;
-                correct_fp16 += usize::from(argmax(got) == labels[[start + row]]);
+                correct_variant += usize::from(argmax(got) == labels[[start + row]]);
                 correct_fp32 += usize::from(argmax(want) == labels[[start + row]]);
             }
         }
         let cosine = dot / (norm_a.sqrt() * norm_b.sqrt());
-        eprintln!("{model} fp16: cosine {cosine:.6}, accuracy {correct_fp16}/{rows} (fp32 {correct_fp32}/{rows})");
-        assert!(cosine >= 0.999, "{model}: cosine {cosine}");
-        assert!(correct_fp16 + rows / 100 >= correct_fp32, "{model}: fp16 {correct_fp16} vs fp32 {correct_fp32}");
+        eprintln!(
+            "{model} {version}: cosine {cosine:.6}, accuracy {correct_variant}/{rows} (fp32 {correct_fp32}/{rows})"
+        );
+        assert!(cosine >= min_cosine, "{model} {version}: cosine {cosine}");
+        assert!(
+            correct_variant + rows / 100 >= correct_fp32,
+            "{model} {version}: {correct_variant} vs fp32 {correct_fp32}"
+        );
     }
 }
 

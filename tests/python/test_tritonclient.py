@@ -76,7 +76,7 @@ def test_model_metadata(client, model):
     for version in ("", "fp32"):
         md = client.get_model_metadata(model, version, client_timeout=TIMEOUT_S)
         assert md.name == model
-        assert list(md.versions) == ["fp16", "fp32"]
+        assert list(md.versions) == ["fp16", "fp32", "int8"]
         assert md.platform == "onnxruntime_onnx"
         assert [(t.name, t.datatype, list(t.shape)) for t in md.inputs] == [("input", "FP32", in_shape)]
         assert [(t.name, t.datatype, list(t.shape)) for t in md.outputs] == [("logits", "FP32", [-1, 10])]

@@ -1,0 +1,393 @@
+//! INT8 quantization passes.
+//!
+//! - Dynamic: MatMul/Gemm with constant weights become `com.microsoft.DynamicQuantizeMatMul`
+//!   (int8 weights, symmetric, one scale per output column; activations quantized per run).
+//!   The fused op was picked over DynamicQuantizeLinear + MatMulInteger + Mul because ONNX
+//!   Runtime 1.31 runs it as one MLAS u8s8 GEMM without materialising the int32 product.
+//!   Conv is left in FP32: ConvInteger has no fast kernel.
+//! - Static (QDQ): QuantizeLinear/DequantizeLinear pairs around Conv/MatMul/Gemm and the ops
+//!   between them, placed so ONNX Runtime fuses them into QLinearConv/QLinearMatMul; see
+//!   [`quantize_static`].
+//!
+//! Defaults follow precision-rules.md: the first and last compute layers, Softmax and
+//! normalisations stay FP32; `op_types_exclude` and `nodes_exclude` add exclusions.
+
+use std::collections::{HashMap, HashSet};
+
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::calibration::{CalibrationOptions, per_channel_int8_symmetric};
+use crate::elem;
+use crate::graph::{GraphIndex, NameGenerator, topological_order};
+use crate::onnx::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+use crate::tensor::f32_values;
+use crate::types::attribute;
+
+/// How activations are quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Int8Mode {
+    /// Activations quantized at run time; no calibration data needed.
+    #[default]
+    Dynamic,
+    /// Activations quantized with ranges calibrated ahead of time (QDQ format).
+    Static,
+}
+
+/// Element type of quantized activations in static mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationType {
+    /// uint8 asymmetric: the form ONNX Runtime fuses onto its u8s8 integer kernels on x86.
+    #[default]
+    Uint8,
+    /// int8 symmetric (S8S8): mostly not fused on x86, slower than FP32 there.
+    Int8,
+}
+
+/// Options of the INT8 passes (the `int8:` section of a variant in policy.yaml).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Int8Options {
+    pub mode: Int8Mode,
+    /// One weight scale per output channel (per tensor otherwise).
+    pub per_channel: bool,
+    /// 7-bit weights and activations, for CPUs without VNNI whose u8s8 instructions saturate.
+    pub reduce_range: bool,
+    pub activation_type: ActivationType,
+    /// The first and last compute layers stay FP32.
+    pub keep_first_and_last_layers: bool,
+    /// Operators to quantize (empty: all supported by the mode).
+    pub op_types_include: Vec<String>,
+    /// Operators never quantized.
+    pub op_types_exclude: Vec<String>,
+    /// Node names (exact or regular expressions over the whole name) never quantized.
+    pub nodes_exclude: Vec<String>,
+    /// Static mode: directory of calibration samples (`.npz`, keys = input names; `.npy` for
+    /// single-input models), relative to the model's directory.
+    pub calibration_data: Option<std::path::PathBuf>,
+    /// Static mode: how activation ranges are calibrated.
+    pub calibration: CalibrationOptions,
+}
+
+impl Default for Int8Options {
+    fn default() -> Self {
+        Self {
+            mode: Int8Mode::Dynamic,
+            per_channel: true,
+            reduce_range: false,
+            activation_type: ActivationType::Uint8,
+            keep_first_and_last_layers: true,
+            op_types_include: Vec::new(),
+            op_types_exclude: Vec::new(),
+            nodes_exclude: Vec::new(),
+            calibration_data: None,
+            calibration: CalibrationOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Int8Error {
+    #[error("nodes_exclude entry '{pattern}' is not a valid regular expression: {reason}")]
+    BadPattern { pattern: String, reason: String },
+    #[error("model has no graph")]
+    NoGraph,
+    #[error(transparent)]
+    Graph(#[from] crate::graph::GraphError),
+    #[error("static quantization needs calibrated ranges for {0} tensors; run calibration first")]
+    MissingRanges(usize),
+}
+
+/// Why a candidate node was left in FP32.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    FirstLayer,
+    LastLayer,
+    ExcludedOp,
+    ExcludedNode(String),
+    /// The weight is not a constant 2-D float tensor, or Gemm attributes are not the plain form.
+    Unsupported(String),
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SkipReason::FirstLayer => f.write_str("first compute layer"),
+            SkipReason::LastLayer => f.write_str("last compute layer"),
+            SkipReason::ExcludedOp => f.write_str("op_types_exclude"),
+            SkipReason::ExcludedNode(pattern) => write!(f, "nodes_exclude ({pattern})"),
+            SkipReason::Unsupported(why) => write!(f, "unsupported: {why}"),
+        }
+    }
+}
+
+/// What an INT8 pass did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Int8Report {
+    /// (node, op) quantized.
+    pub quantized: Vec<(String, String)>,
+    /// (node, op, reason) left in FP32.
+    pub skipped: Vec<(String, String, SkipReason)>,
+    /// Static mode: tensors given QuantizeLinear/DequantizeLinear pairs.
+    pub activations_quantized: usize,
+    pub weight_bytes_before: usize,
+    pub weight_bytes_after: usize,
+}
+
+/// Node-selection rules shared by the INT8 passes.
+pub(crate) struct Selection {
+    include: HashSet<String>,
+    exclude: HashSet<String>,
+    nodes: Vec<(String, Regex)>,
+    keep_first_and_last: bool,
+}
+
+impl Selection {
+    pub(crate) fn new(options: &Int8Options) -> Result<Self, Int8Error> {
+        let nodes = options
+            .nodes_exclude
+            .iter()
+            .map(|pattern| {
+                Regex::new(&format!("^(?:{pattern})$"))
+                    .map(|regex| (pattern.clone(), regex))
+                    .map_err(|err| Int8Error::BadPattern { pattern: pattern.clone(), reason: err.to_string() })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            include: options.op_types_include.iter().cloned().collect(),
+            exclude: options.op_types_exclude.iter().cloned().collect(),
+            nodes,
+            keep_first_and_last: options.keep_first_and_last_layers,
+        })
+    }
+
+    /// `None` when the node may be quantized, otherwise why not.
+    pub(crate) fn skip_reason(
+        &self,
+        node: &NodeProto,
+        first: &HashSet<usize>,
+        last: &HashSet<usize>,
+        position: usize,
+    ) -> Option<SkipReason> {
+        let op = node.op_type();
+        if self.exclude.contains(op) || (!self.include.is_empty() && !self.include.contains(op)) {
+            return Some(SkipReason::ExcludedOp);
+        }
+        if let Some((pattern, _)) =
+            self.nodes.iter().find(|(pattern, regex)| pattern == node.name() || regex.is_match(node.name()))
+        {
+            return Some(SkipReason::ExcludedNode(pattern.clone()));
+        }
+        if self.keep_first_and_last && first.contains(&position) {
+            return Some(SkipReason::FirstLayer);
+        }
+        if self.keep_first_and_last && last.contains(&position) {
+            return Some(SkipReason::LastLayer);
+        }
+        None
+    }
+}
+
+/// Validates options without touching a model (bad regular expressions).
+pub fn validate_options(options: &Int8Options) -> Result<(), Int8Error> {
+    Selection::new(options).map(|_| ())
+}
+
+const COMPUTE_OPS: &[&str] = &["Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "LSTM", "GRU", "RNN"];
+
+/// Compute nodes with no compute node upstream (first) and none downstream (last).
+pub(crate) fn first_and_last_compute(graph: &GraphProto) -> (HashSet<usize>, HashSet<usize>) {
+    let index = GraphIndex::build(graph);
+    let nodes = &graph.node;
+    let is_compute = |n: &NodeProto| COMPUTE_OPS.contains(&n.op_type());
+    let order = topological_order(graph).unwrap_or_else(|_| (0..nodes.len()).collect());
+    let mut upstream = vec![false; nodes.len()];
+    for &position in &order {
+        upstream[position] = nodes[position]
+            .input
+            .iter()
+            .filter_map(|input| index.producer(input))
+            .any(|producer| upstream[producer] || is_compute(&nodes[producer]));
+    }
+    let mut downstream = vec![false; nodes.len()];
+    for &position in order.iter().rev() {
+        downstream[position] = nodes[position]
+            .output
+            .iter()
+            .flat_map(|output| index.consumers(output))
+            .any(|&consumer| downstream[consumer] || is_compute(&nodes[consumer]));
+    }
+    let first = (0..nodes.len()).filter(|&i| is_compute(&nodes[i]) && !upstream[i]).collect();
+    let last = (0..nodes.len()).filter(|&i| is_compute(&nodes[i]) && !downstream[i]).collect();
+    (first, last)
+}
+
+pub(crate) fn ensure_opset(model: &mut ModelProto, domain: &str, version: i64) {
+    if !model.opset_import.iter().any(|o| o.domain() == domain) {
+        model.opset_import.push(OperatorSetIdProto { domain: Some(domain.to_owned()), version: Some(version) });
+    }
+}
+
+/// A 2-D FLOAT initializer's values and shape.
+fn matrix(graph: &GraphProto, name: &str) -> Option<(Vec<f32>, usize, usize)> {
+    let tensor = graph.initializer.iter().find(|t| t.name() == name)?;
+    if tensor.data_type() != elem::FLOAT || tensor.dims.len() != 2 {
+        return None;
+    }
+    Some((f32_values(tensor)?, tensor.dims[0] as usize, tensor.dims[1] as usize))
+}
+
+fn vector(graph: &GraphProto, name: &str, length: usize) -> Option<Vec<f32>> {
+    let tensor = graph.initializer.iter().find(|t| t.name() == name)?;
+    let elements: i64 = tensor.dims.iter().product();
+    (tensor.data_type() == elem::FLOAT && elements as usize == length).then(|| f32_values(tensor)).flatten()
+}
+
+pub(crate) fn float_tensor(name: &str, dims: Vec<i64>, values: &[f32]) -> TensorProto {
+    TensorProto {
+        name: Some(name.to_owned()),
+        dims,
+        data_type: Some(elem::FLOAT),
+        raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+pub(crate) fn int8_tensor(name: &str, dims: Vec<i64>, values: &[i8]) -> TensorProto {
+    TensorProto {
+        name: Some(name.to_owned()),
+        dims,
+        data_type: Some(elem::INT8),
+        raw_data: Some(values.iter().map(|v| *v as u8).collect()),
+        ..Default::default()
+    }
+}
+
+fn float_attribute(node: &NodeProto, name: &str, default: f32) -> f32 {
+    attribute(node, name).and_then(|a| a.f).unwrap_or(default)
+}
+
+fn int_attribute(node: &NodeProto, name: &str, default: i64) -> i64 {
+    attribute(node, name).and_then(|a| a.i).unwrap_or(default)
+}
+
+/// The weight of a MatMul/Gemm as a [K, N] matrix, plus an optional bias of N.
+struct LinearWeights {
+    k: usize,
+    n: usize,
+    /// Row-major [K, N].
+    values: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+fn linear_weights(graph: &GraphProto, node: &NodeProto) -> Result<LinearWeights, String> {
+    let weight_name = node.input.get(1).ok_or("no weight input")?;
+    let (values, rows, cols) = matrix(graph, weight_name)
+        .ok_or_else(|| format!("weight '{weight_name}' is not a constant 2-D float initializer"))?;
+    match node.op_type() {
+        "MatMul" => Ok(LinearWeights { k: rows, n: cols, values, bias: None }),
+        "Gemm" => {
+            if float_attribute(node, "alpha", 1.0) != 1.0 || int_attribute(node, "transA", 0) != 0 {
+                return Err("Gemm with alpha != 1 or transA".to_owned());
+            }
+            let (k, n, values) = if int_attribute(node, "transB", 0) != 0 {
+                let mut transposed = vec![0.0; values.len()];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        transposed[c * rows + r] = values[r * cols + c];
+                    }
+                }
+                (cols, rows, transposed)
+            } else {
+                (rows, cols, values)
+            };
+            let bias = match node.input.get(2).filter(|name| !name.is_empty()) {
+                None => None,
+                Some(name) => {
+                    let beta = float_attribute(node, "beta", 1.0);
+                    let bias = vector(graph, name, n)
+                        .ok_or_else(|| format!("bias '{name}' is not a constant float vector of {n}"))?;
+                    Some(bias.into_iter().map(|b| b * beta).collect())
+                }
+            };
+            Ok(LinearWeights { k, n, values, bias })
+        }
+        other => Err(format!("{other} is not a MatMul or Gemm")),
+    }
+}
+
+/// Dynamic INT8: rewrites MatMul/Gemm with constant weights as DynamicQuantizeMatMul.
+pub fn quantize_dynamic(model: &mut ModelProto, options: &Int8Options) -> Result<Int8Report, Int8Error> {
+    let selection = Selection::new(options)?;
+    let graph = model.graph.as_mut().ok_or(Int8Error::NoGraph)?;
+    let mut names = NameGenerator::for_graph(graph);
+    let (first, last) = first_and_last_compute(graph);
+    let mut report = Int8Report::default();
+    let mut new_initializers = Vec::new();
+    let mut replaced_weights: HashMap<String, usize> = HashMap::new();
+    for position in 0..graph.node.len() {
+        let node = &graph.node[position];
+        if !node.domain().is_empty() || !matches!(node.op_type(), "MatMul" | "Gemm") {
+            continue;
+        }
+        let (name, op) = (node.name().to_owned(), node.op_type().to_owned());
+        if let Some(reason) = selection.skip_reason(node, &first, &last, position) {
+            tracing::debug!(node = %name, %reason, "int8 dynamic: kept FP32");
+            report.skipped.push((name, op, reason));
+            continue;
+        }
+        let weights = match linear_weights(graph, node) {
+            Ok(weights) => weights,
+            Err(why) => {
+                report.skipped.push((name, op, SkipReason::Unsupported(why)));
+                continue;
+            }
+        };
+        // Symmetric int8 per output column (axis 1 of [K, N]).
+        let (scales, quantized) = if options.per_channel {
+            per_channel_int8_symmetric(&weights.values, &[weights.k, weights.n], 1)
+        } else {
+            let (scales, quantized) = per_channel_int8_symmetric(&weights.values, &[1, weights.values.len()], 0);
+            (scales, quantized)
+        };
+        let base = if name.is_empty() { node.output[0].clone() } else { name.clone() };
+        let weight_name = names.fresh(&format!("{base}_weight_int8"));
+        let scale_name = names.fresh(&format!("{base}_weight_scale"));
+        new_initializers.push(int8_tensor(&weight_name, vec![weights.k as i64, weights.n as i64], &quantized));
+        new_initializers.push(float_tensor(&scale_name, vec![scales.len() as i64], &scales));
+        *replaced_weights.entry(node.input[1].clone()).or_default() += 1;
+        report.weight_bytes_before += weights.values.len() * 4;
+        report.weight_bytes_after += quantized.len() + scales.len() * 4;
+        let mut inputs = vec![node.input[0].clone(), weight_name, scale_name, String::new()];
+        if let Some(bias) = &weights.bias {
+            let bias_name = names.fresh(&format!("{base}_bias"));
+            new_initializers.push(float_tensor(&bias_name, vec![bias.len() as i64], bias));
+            inputs.push(bias_name);
+        }
+        let replacement = NodeProto {
+            name: Some(base),
+            op_type: Some("DynamicQuantizeMatMul".to_owned()),
+            domain: Some("com.microsoft".to_owned()),
+            input: inputs,
+            output: vec![node.output[0].clone()],
+            attribute: Vec::<AttributeProto>::new(),
+            ..Default::default()
+        };
+        tracing::debug!(node = %name, "int8 dynamic: DynamicQuantizeMatMul");
+        report.quantized.push((name, op));
+        graph.node[position] = replacement;
+    }
+    graph.initializer.extend(new_initializers);
+    // Drop FP32 weights nothing reads any more.
+    let index = GraphIndex::build(graph);
+    let outputs: HashSet<String> = graph.output.iter().map(|o| o.name().to_owned()).collect();
+    graph.initializer.retain(|t| {
+        !replaced_weights.contains_key(t.name()) || !index.consumers(t.name()).is_empty() || outputs.contains(t.name())
+    });
+    if !report.quantized.is_empty() {
+        ensure_opset(model, "com.microsoft", 1);
+    }
+    Ok(report)
+}

@@ -1,0 +1,414 @@
+//! Static INT8 in QDQ form: QuantizeLinear/DequantizeLinear pairs placed so that ONNX Runtime
+//! fuses them onto its integer kernels (QLinearConv, QLinearMatMul, QGemm, ...).
+//!
+//! The pass is pure: calibrated activation ranges in, model out. Callers first ask
+//! [`tensors_to_calibrate`] which tensors need ranges, run the FP32 model to collect them
+//! (see `calibration`), then call [`quantize_static`].
+//!
+//! Placement: every float activation read or written by a quantized node gets one Q/DQ pair
+//! and all of its readers read the dequantized value, so each quantized node sits between
+//! DequantizeLinear inputs and a QuantizeLinear output, the pattern ONNX Runtime fuses.
+//! Weights become int8 per output channel behind a DequantizeLinear; biases become int32 with
+//! scale input_scale x weight_scale. Ops that only move data (MaxPool, Reshape, Transpose, ...)
+//! share their input's scale instead of calibrating their own, so the fusion drops their pairs.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::calibration::{clip_for_consumers, per_channel_int8_symmetric, quantize_bias_int32, uint8_asymmetric};
+use crate::elem;
+use crate::graph::{GraphIndex, NameGenerator, topological_order};
+use crate::int8::{
+    ActivationType, Int8Error, Int8Options, Int8Report, Selection, SkipReason, first_and_last_compute, float_tensor,
+    int8_tensor,
+};
+use crate::onnx::{AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto};
+use crate::tensor::f32_values;
+use crate::types::{ElemTypes, attribute, infer_elem_types};
+
+/// Ops with integer kernels whose weights and activations are quantized.
+const COMPUTE_OPS: &[&str] = &["Conv", "MatMul", "Gemm"];
+/// Ops that move or select values without computing new ones: they share their input's
+/// quantization parameters.
+const SHARING_OPS: &[&str] =
+    &["MaxPool", "GlobalMaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"];
+/// Ops quantized with their own calibrated output range.
+const RANGED_OPS: &[&str] = &["Relu", "Clip", "GlobalAveragePool", "AveragePool"];
+
+/// Calibrated [lo, hi] range per tensor name.
+pub type Ranges = HashMap<String, (f32, f32)>;
+
+struct Plan {
+    /// Nodes to quantize (positions in topological order).
+    nodes: Vec<usize>,
+    /// Activation tensors that get a Q/DQ pair.
+    tensors: Vec<String>,
+    /// Tensor -> the tensor whose parameters it shares.
+    shares: HashMap<String, String>,
+    skipped: Vec<(String, String, SkipReason)>,
+}
+
+fn is_quantizable_op(op: &str) -> bool {
+    COMPUTE_OPS.contains(&op) || SHARING_OPS.contains(&op) || RANGED_OPS.contains(&op)
+}
+
+/// Weight input positions of a compute node (quantized per channel, not as activations).
+fn weight_inputs(node: &NodeProto) -> &'static [usize] {
+    match node.op_type() {
+        "Conv" | "Gemm" => &[1, 2],
+        "MatMul" => &[1],
+        _ => &[],
+    }
+}
+
+fn plan(graph: &GraphProto, types: &ElemTypes, options: &Int8Options) -> Result<Plan, Int8Error> {
+    let selection = Selection::new(options)?;
+    let (first, last) = first_and_last_compute(graph);
+    let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+    let is_float = |name: &str| !name.is_empty() && types.get(name) == Some(&elem::FLOAT);
+    let mut nodes = Vec::new();
+    let mut skipped = Vec::new();
+    let mut quantized_compute: HashSet<String> = HashSet::new();
+    for (position, node) in graph.node.iter().enumerate() {
+        let op = node.op_type();
+        if !node.domain().is_empty() || !is_quantizable_op(op) {
+            continue;
+        }
+        if let Some(reason) = selection.skip_reason(node, &first, &last, position) {
+            skipped.push((node.name().to_owned(), op.to_owned(), reason));
+            continue;
+        }
+        if COMPUTE_OPS.contains(&op) {
+            if let Err(why) = compute_node_supported(graph, node, &initializers) {
+                skipped.push((node.name().to_owned(), op.to_owned(), SkipReason::Unsupported(why)));
+                continue;
+            }
+            quantized_compute.insert(node.output[0].clone());
+        }
+        nodes.push(position);
+    }
+    // Data-movement and activation ops are worth quantizing only next to quantized compute:
+    // keep those whose input comes from a quantized node (or feeds one), dropping the rest.
+    let index = GraphIndex::build(graph);
+    let quantized: HashSet<usize> = nodes.iter().copied().collect();
+    let touches_quantized = |position: usize| {
+        let node = &graph.node[position];
+        node.input.iter().filter_map(|i| index.producer(i)).any(|p| quantized.contains(&p))
+            || node.output.iter().flat_map(|o| index.consumers(o)).any(|c| quantized.contains(c))
+    };
+    let nodes: Vec<usize> =
+        nodes.into_iter().filter(|&p| COMPUTE_OPS.contains(&graph.node[p].op_type()) || touches_quantized(p)).collect();
+
+    let mut tensors = Vec::new();
+    let mut seen = HashSet::new();
+    let mut shares = HashMap::new();
+    for &position in &nodes {
+        let node = &graph.node[position];
+        let weights = weight_inputs(node);
+        for (slot, input) in node.input.iter().enumerate() {
+            if weights.contains(&slot) || !is_float(input) || initializers.contains(input.as_str()) {
+                continue;
+            }
+            // Sharing ops: only the data input.
+            if SHARING_OPS.contains(&node.op_type()) && slot > 0 {
+                continue;
+            }
+            if seen.insert(input.clone()) {
+                tensors.push(input.clone());
+            }
+        }
+        for output in node.output.iter().take(1).filter(|o| is_float(o)) {
+            if seen.insert(output.clone()) {
+                tensors.push(output.clone());
+            }
+            if SHARING_OPS.contains(&node.op_type())
+                && let Some(input) = node.input.first()
+            {
+                shares.insert(output.clone(), input.clone());
+            }
+        }
+    }
+    Ok(Plan { nodes, tensors, shares, skipped })
+}
+
+fn compute_node_supported(graph: &GraphProto, node: &NodeProto, initializers: &HashSet<&str>) -> Result<(), String> {
+    let weight = node.input.get(1).ok_or("no weight input")?;
+    let is_initializer = initializers.contains(weight.as_str());
+    match node.op_type() {
+        "Conv" if !is_initializer => Err(format!("Conv weight '{weight}' is not a constant")),
+        "Gemm" => {
+            if !is_initializer {
+                return Err(format!("Gemm weight '{weight}' is not a constant"));
+            }
+            let alpha = attribute(node, "alpha").and_then(|a| a.f).unwrap_or(1.0);
+            let beta = attribute(node, "beta").and_then(|a| a.f).unwrap_or(1.0);
+            let trans_a = attribute(node, "transA").and_then(|a| a.i).unwrap_or(0);
+            if alpha != 1.0 || beta != 1.0 || trans_a != 0 {
+                return Err("Gemm with alpha/beta != 1 or transA".to_owned());
+            }
+            let rank = graph.initializer.iter().find(|t| t.name() == weight).map_or(0, |t| t.dims.len());
+            if rank != 2 {
+                return Err(format!("Gemm weight of rank {rank}"));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Tensors whose ranges static quantization needs, in a stable order.
+pub fn tensors_to_calibrate(model: &ModelProto, options: &Int8Options) -> Result<Vec<String>, Int8Error> {
+    let graph = model.graph.as_ref().ok_or(Int8Error::NoGraph)?;
+    let mut sorted = graph.clone();
+    crate::graph::sort_topologically(&mut sorted)?;
+    let types = infer_elem_types(&sorted, &ElemTypes::new());
+    let plan = plan(&sorted, &types, options)?;
+    Ok(plan.tensors.into_iter().filter(|t| !plan.shares.contains_key(t)).collect())
+}
+
+struct QuantParams {
+    scale: f32,
+    zero_point: u8,
+}
+
+/// Static INT8 with the given calibrated ranges (keys: tensor names from
+/// [`tensors_to_calibrate`]).
+pub fn quantize_static(
+    model: &mut ModelProto,
+    options: &Int8Options,
+    ranges: &Ranges,
+) -> Result<Int8Report, Int8Error> {
+    if options.activation_type == ActivationType::Int8 {
+        tracing::warn!("int8 (S8S8) activations mostly do not fuse on x86 and run slower than FP32");
+    }
+    let opset = model.opset_import.iter().find(|o| o.domain().is_empty()).and_then(|o| o.version).unwrap_or(1);
+    let graph = model.graph.as_mut().ok_or(Int8Error::NoGraph)?;
+    let order = topological_order(graph)?;
+    let mut nodes: Vec<Option<NodeProto>> = std::mem::take(&mut graph.node).into_iter().map(Some).collect();
+    graph.node = order.iter().filter_map(|&i| nodes[i].take()).collect();
+    let types = infer_elem_types(graph, &ElemTypes::new());
+    let plan = plan(graph, &types, options)?;
+    let missing = plan.tensors.iter().filter(|t| !plan.shares.contains_key(*t) && !ranges.contains_key(*t)).count();
+    if missing > 0 {
+        return Err(Int8Error::MissingRanges(missing));
+    }
+    // Per-axis DequantizeLinear needs opset 13; older models get per-tensor weights.
+    let per_channel = options.per_channel && opset >= 13;
+    if options.per_channel && !per_channel {
+        tracing::warn!(opset, "model opset < 13: per-channel weights need opset 13, using per-tensor weights");
+    }
+    let index = GraphIndex::build(graph);
+    let mut names = NameGenerator::for_graph(graph);
+    let mut report = Int8Report { skipped: plan.skipped.clone(), ..Default::default() };
+
+    // Activation parameters, following shared tensors back to their source.
+    let mut params: HashMap<String, QuantParams> = HashMap::new();
+    for tensor in &plan.tensors {
+        let mut source = tensor.clone();
+        while let Some(next) = plan.shares.get(&source) {
+            source = next.clone();
+        }
+        let (mut lo, mut hi) = ranges.get(&source).copied().unwrap_or((0.0, 0.0));
+        if options.calibration.clip_saturating_inputs && !plan.shares.contains_key(tensor) {
+            let consumers: Vec<&str> = index.consumers(tensor).iter().map(|&c| graph.node[c].op_type()).collect();
+            (lo, hi) = clip_for_consumers((lo, hi), &consumers);
+        }
+        let (scale, zero_point) = uint8_asymmetric(lo, hi, options.reduce_range);
+        params.insert(tensor.clone(), QuantParams { scale, zero_point });
+    }
+
+    let graph_outputs: HashSet<String> = graph.output.iter().map(|o| o.name().to_owned()).collect();
+    let mut new_initializers: Vec<TensorProto> = Vec::new();
+    let mut dequantized: HashMap<String, String> = HashMap::new();
+    let mut pending_pairs: HashMap<String, Vec<NodeProto>> = HashMap::new();
+    for tensor in &plan.tensors {
+        let p = &params[tensor];
+        let scale_name = names.fresh(&format!("{tensor}_scale"));
+        let zero_name = names.fresh(&format!("{tensor}_zero_point"));
+        new_initializers.push(float_tensor(&scale_name, vec![], &[p.scale]));
+        new_initializers.push(TensorProto {
+            name: Some(zero_name.clone()),
+            data_type: Some(elem::UINT8),
+            raw_data: Some(vec![p.zero_point]),
+            ..Default::default()
+        });
+        let quantized_name = names.fresh(&format!("{tensor}_quantized"));
+        let dequantized_name = names.fresh(&format!("{tensor}_dequantized"));
+        let pair = vec![
+            simple_node(
+                names.fresh(&format!("{tensor}_QuantizeLinear")),
+                "QuantizeLinear",
+                vec![tensor.clone(), scale_name.clone(), zero_name.clone()],
+                quantized_name.clone(),
+            ),
+            simple_node(
+                names.fresh(&format!("{tensor}_DequantizeLinear")),
+                "DequantizeLinear",
+                vec![quantized_name, scale_name, zero_name],
+                dequantized_name.clone(),
+            ),
+        ];
+        pending_pairs.insert(tensor.clone(), pair);
+        dequantized.insert(tensor.clone(), dequantized_name);
+        report.activations_quantized += 1;
+    }
+
+    // Weights and biases of quantized compute nodes.
+    let quantized_nodes: HashSet<usize> = plan.nodes.iter().copied().collect();
+    let mut weight_nodes: Vec<NodeProto> = Vec::new();
+    let originals = std::mem::take(&mut graph.node);
+    let mut rebuilt = Vec::with_capacity(originals.len() + plan.tensors.len() * 2);
+    // Q/DQ pairs of graph inputs go first.
+    for input in graph.input.iter().map(|i| i.name().to_owned()).collect::<Vec<_>>() {
+        if let Some(pair) = pending_pairs.remove(&input) {
+            rebuilt.extend(pair);
+        }
+    }
+    for (position, mut node) in originals.into_iter().enumerate() {
+        if quantized_nodes.contains(&position) && COMPUTE_OPS.contains(&node.op_type()) {
+            let input_scale = node.input.first().and_then(|i| params.get(i)).map(|p| p.scale);
+            quantize_weights(
+                graph,
+                &mut node,
+                input_scale,
+                per_channel,
+                &mut names,
+                &mut new_initializers,
+                &mut weight_nodes,
+                &mut report,
+            );
+            report.quantized.push((node.name().to_owned(), node.op_type().to_owned()));
+        }
+        // Every reader of a quantized tensor reads its dequantized value, so the producer's
+        // only consumer is the QuantizeLinear (the shape ONNX Runtime fuses).
+        for input in node.input.iter_mut() {
+            if let Some(replacement) = dequantized.get(input.as_str()) {
+                *input = replacement.clone();
+            }
+        }
+        rebuilt.extend(weight_nodes.drain(..));
+        let outputs = node.output.clone();
+        rebuilt.push(node);
+        for output in outputs {
+            if let Some(pair) = pending_pairs.remove(&output) {
+                rebuilt.extend(pair);
+            }
+        }
+    }
+    graph.node = rebuilt;
+    // Graph outputs stay readable under their own names: a quantized tensor that is also a
+    // graph output keeps its producer writing it (its Q/DQ readers are unaffected).
+    let _ = graph_outputs;
+    graph.initializer.extend(new_initializers);
+    let index = GraphIndex::build(graph);
+    graph
+        .initializer
+        .retain(|t| !index.consumers(t.name()).is_empty() || graph.output.iter().any(|o| o.name() == t.name()));
+    Ok(report)
+}
+
+fn simple_node(name: String, op: &str, inputs: Vec<String>, output: String) -> NodeProto {
+    NodeProto {
+        name: Some(name),
+        op_type: Some(op.to_owned()),
+        input: inputs,
+        output: vec![output],
+        ..Default::default()
+    }
+}
+
+fn axis_attribute(axis: i64) -> AttributeProto {
+    AttributeProto { name: Some("axis".to_owned()), r#type: Some(2), i: Some(axis), ..Default::default() }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn quantize_weights(
+    graph: &GraphProto,
+    node: &mut NodeProto,
+    input_scale: Option<f32>,
+    per_channel: bool,
+    names: &mut NameGenerator,
+    initializers: &mut Vec<TensorProto>,
+    nodes: &mut Vec<NodeProto>,
+    report: &mut Int8Report,
+) {
+    let Some(weight_name) = node.input.get(1).cloned() else { return };
+    let Some(weight) = graph.initializer.iter().find(|t| t.name() == weight_name) else { return };
+    let Some(values) = f32_values(weight) else { return };
+    let dims: Vec<usize> = weight.dims.iter().map(|&d| d as usize).collect();
+    // The output-channel axis: Conv [M, C, ...] and Gemm with transB [N, K]: 0; MatMul/Gemm [K, N]: 1.
+    let trans_b = attribute(node, "transB").and_then(|a| a.i).unwrap_or(0) != 0;
+    let axis = match node.op_type() {
+        "Conv" => 0,
+        "Gemm" if trans_b => 0,
+        _ => dims.len().saturating_sub(1),
+    };
+    if dims.is_empty() || (node.op_type() == "MatMul" && dims.len() != 2) {
+        return;
+    }
+    let (scales, quantized) = if per_channel {
+        per_channel_int8_symmetric(&values, &dims, axis)
+    } else {
+        per_channel_int8_symmetric(&values, &[1, values.len()], 0)
+    };
+    report.weight_bytes_before += values.len() * 4;
+    report.weight_bytes_after += quantized.len() + scales.len() * 4;
+    let base = if node.name().is_empty() { node.output[0].clone() } else { node.name().to_owned() };
+    let q_name = names.fresh(&format!("{weight_name}_int8"));
+    let s_name = names.fresh(&format!("{weight_name}_scale"));
+    let z_name = names.fresh(&format!("{weight_name}_zero_point"));
+    let dq_name = names.fresh(&format!("{weight_name}_dequantized"));
+    initializers.push(int8_tensor(&q_name, weight.dims.clone(), &quantized));
+    let scale_dims = if scales.len() == 1 { vec![] } else { vec![scales.len() as i64] };
+    initializers.push(float_tensor(&s_name, scale_dims.clone(), &scales));
+    initializers.push(int8_tensor(&z_name, scale_dims.clone(), &vec![0; scales.len()]));
+    let mut dq = simple_node(
+        names.fresh(&format!("{base}_weight_DequantizeLinear")),
+        "DequantizeLinear",
+        vec![q_name, s_name, z_name],
+        dq_name.clone(),
+    );
+    if scales.len() > 1 {
+        dq.attribute.push(axis_attribute(axis as i64));
+    }
+    nodes.push(dq);
+    node.input[1] = dq_name;
+
+    // Bias: int32 with scale input_scale x weight_scale, so the integer kernel adds it directly.
+    let Some(bias_name) = node.input.get(2).filter(|n| !n.is_empty()).cloned() else { return };
+    let Some(input_scale) = input_scale else { return };
+    let Some(bias) = graph.initializer.iter().find(|t| t.name() == bias_name).and_then(f32_values) else { return };
+    let channel_scales: Vec<f32> = if scales.len() == 1 { vec![scales[0]; bias.len()] } else { scales.clone() };
+    if channel_scales.len() != bias.len() {
+        return;
+    }
+    let quantized_bias = quantize_bias_int32(&bias, input_scale, &channel_scales);
+    let bias_scales: Vec<f32> = channel_scales.iter().map(|s| s * input_scale).collect();
+    let qb = names.fresh(&format!("{bias_name}_int32"));
+    let sb = names.fresh(&format!("{bias_name}_scale"));
+    let zb = names.fresh(&format!("{bias_name}_zero_point"));
+    let db = names.fresh(&format!("{bias_name}_dequantized"));
+    initializers.push(TensorProto {
+        name: Some(qb.clone()),
+        dims: vec![bias.len() as i64],
+        data_type: Some(elem::INT32),
+        raw_data: Some(quantized_bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        ..Default::default()
+    });
+    initializers.push(float_tensor(&sb, vec![bias.len() as i64], &bias_scales));
+    initializers.push(TensorProto {
+        name: Some(zb.clone()),
+        dims: vec![bias.len() as i64],
+        data_type: Some(elem::INT32),
+        raw_data: Some(vec![0; bias.len() * 4]),
+        ..Default::default()
+    });
+    let mut dq = simple_node(
+        names.fresh(&format!("{base}_bias_DequantizeLinear")),
+        "DequantizeLinear",
+        vec![qb, sb, zb],
+        db.clone(),
+    );
+    dq.attribute.push(axis_attribute(0));
+    nodes.push(dq);
+    node.input[2] = db;
+}
