@@ -32,8 +32,9 @@ intra_op_num_threads=--threads, sequential execution):
   hits them alike; speedup = FP32 median / variant median;
 - conv s: wall time of the converter subprocess (calibration + conversion + save, including process
   start; for ORT also Python + onnxruntime import, the in-process quantize_* time in parentheses);
-- peak MiB: ru_maxrss of that subprocess (os.wait4); the ORT figure includes the Python interpreter
-  and onnxruntime import, whose baseline is printed under the table;
+- peak MiB: ru_maxrss of that subprocess, read with GNU time (`/usr/bin/time -f %M`; see run_measured
+  for why not os.wait4/RUSAGE_CHILDREN directly); the ORT figure includes the Python interpreter and
+  the onnxruntime import, whose baseline is printed under the table;
 - size KiB: the model file (plus external data);
 - integer ops: node-type histogram of the ORT-optimized graph (session option
   optimized_model_filepath), reduced to the integer/quantization ops; "FP32 compute" lists the
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import json
 import math
@@ -232,13 +234,33 @@ def file_size(model_path: Path) -> int:
 # converters, each in a subprocess
 # ---------------------------------------------------------------------------------------------
 
+GNU_TIME = Path("/usr/bin/time")
+
+
+@functools.cache
+def gnu_time_works() -> bool:
+    try:
+        proc = subprocess.run([str(GNU_TIME), "-f", "%M", "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and proc.stderr.strip().splitlines()[-1].strip().isdigit()
+
+
 def run_measured(cmd: list[str], log_dir: Path, timeout: float, env: dict | None = None) -> dict:
-    """Runs cmd; returns returncode, wall seconds, peak RSS (KiB, os.wait4), stdout and stderr."""
+    """Runs cmd; returns returncode, wall seconds, peak RSS (KiB), stdout and stderr.
+
+    Peak RSS: the ru_maxrss of the converter process. Linux counts in a child's ru_maxrss the memory
+    of the process it was forked from until exec (a child of this Python process would start at this
+    process's RSS), so the command runs under GNU time (`/usr/bin/time -f %M`), whose own small child
+    is measured. Without GNU time, os.wait4's ru_maxrss is used and the figure is an upper bound.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
-    out_path, err_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
+    out_path, err_path, rss_path = log_dir / "stdout.txt", log_dir / "stderr.txt", log_dir / "maxrss.txt"
+    use_time = gnu_time_works()
+    full = [str(GNU_TIME), "-f", "%M", "-o", str(rss_path), *cmd] if use_time else cmd
     with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f, env=env,
+        proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f, env=env,
                                 cwd=REPO_ROOT)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
@@ -249,10 +271,16 @@ def run_measured(cmd: list[str], log_dir: Path, timeout: float, env: dict | None
         seconds = time.perf_counter() - start
     returncode = os.waitstatus_to_exitcode(status)
     proc.returncode = returncode  # reaped by wait4; keep Popen from waiting again
+    peak, method = usage.ru_maxrss, "wait4 (upper bound)"
+    if use_time:
+        lines = [ln for ln in rss_path.read_text().splitlines() if ln.strip()] if rss_path.is_file() else []
+        if lines and lines[-1].strip().isdigit():
+            peak, method = int(lines[-1]), "GNU time %M"
     return {
         "returncode": returncode,
         "seconds": seconds,
-        "peak_rss_kib": usage.ru_maxrss,
+        "peak_rss_kib": peak,
+        "rss_method": method,
         "stdout": out_path.read_text(errors="replace"),
         "stderr": err_path.read_text(errors="replace"),
         "cmd": cmd,
@@ -260,13 +288,17 @@ def run_measured(cmd: list[str], log_dir: Path, timeout: float, env: dict | None
 
 
 def first_error_line(text: str) -> str:
+    """The `Error: ...` line of a failed command (anyhow), else a line mentioning an error, else the last."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()] or [""]
-    return next((ln for ln in lines if "error" in ln.lower()), lines[-1])[:240]
+    found = next((ln for ln in lines if ln.startswith("Error")), None)
+    found = found or next((ln for ln in lines if "error" in ln.lower() and "::" not in ln), lines[-1])
+    return found[:400]
 
 
 def convert(cmd: list[str], out: Path, log_dir: Path, timeout: float, env: dict | None = None) -> dict:
     res = run_measured(cmd, log_dir, timeout, env)
-    row = {"seconds": res["seconds"], "peak_rss_kib": res["peak_rss_kib"], "cmd": " ".join(cmd)}
+    row = {"seconds": res["seconds"], "peak_rss_kib": res["peak_rss_kib"], "rss_method": res["rss_method"],
+           "cmd": " ".join(cmd)}
     marker = [ln for ln in res["stdout"].splitlines() if ln.startswith("ORT_CONVERT_SECONDS ")]
     if marker:
         row["inproc_seconds"] = float(marker[-1].split()[1])
@@ -445,6 +477,8 @@ def ops_text(ops: dict | None) -> str:
 
 
 def markdown(results: list[dict], args, baseline_kib: int | None) -> str:
+    methods = {v.get("rss_method") for r in results for v in r["variants"] if v.get("rss_method")}
+    rss_method = ", ".join(sorted(methods)) or "–"
     head = ("| model | variant | acc % | agree % | cosine | b1 ms | b8 ms | speedup b1 | speedup b8 | "
             "conv s | peak MiB | size KiB | integer ops (ORT-optimized) | FP32 compute left | error |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -472,7 +506,8 @@ def markdown(results: list[dict], args, baseline_kib: int | None) -> str:
         f"Latency: median of {args.runs} runs after {args.warmup} warm-up, onnxruntime "
         f"{ort_version()} CPU EP, ORT_ENABLE_ALL, intra_op_num_threads={args.threads}, variants "
         f"interleaved; speedup = FP32 median / variant median. conv s: converter subprocess wall time "
-        f"(ORT: in-process quantize_* time in parentheses); peak MiB: the subprocess's ru_maxrss"
+        f"(ORT: in-process quantize_* time in parentheses); peak MiB: the subprocess's ru_maxrss "
+        f"({rss_method})"
         + (f" (a Python child importing onnxruntime.quantization alone peaks at "
            f"{baseline_kib / 1024:.0f} MiB)" if baseline_kib else "")
         + ". Mantissa keeps the first and last compute layers FP32 by default; ORT quantizes all "

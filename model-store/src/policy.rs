@@ -123,8 +123,49 @@ pub struct Policy {
     /// The file it came from, or `None` for the built-in default.
     pub source: Option<PathBuf>,
     pub variants: Vec<VariantSpec>,
-    /// Variant that serves requests with an empty `model_version`.
+    /// Variant that serves requests with an empty `model_version` when there is no split.
     pub default_variant: String,
+    /// Weighted A/B split of requests with an empty `model_version`.
+    pub split: Option<Split>,
+}
+
+/// Weighted assignment of unversioned requests to variants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    /// (variant, weight) with every weight > 0, in name order.
+    pub weights: Vec<(String, u32)>,
+    /// Request parameter whose value pins a caller to a variant (hash based, so stable across
+    /// restarts and replicas); requests without it are assigned at random.
+    pub key: String,
+}
+
+impl Split {
+    pub fn total(&self) -> u64 {
+        self.weights.iter().map(|(_, w)| u64::from(*w)).sum()
+    }
+
+    /// The variant for a point in [0, total).
+    pub fn pick(&self, point: u64) -> &str {
+        let mut remaining = point % self.total().max(1);
+        for (name, weight) in &self.weights {
+            if remaining < u64::from(*weight) {
+                return name;
+            }
+            remaining -= u64::from(*weight);
+        }
+        &self.weights[self.weights.len() - 1].0
+    }
+
+    /// The variant a sticky key maps to: FNV-1a 64 of the key's bytes, a hash that every
+    /// replica and every restart computes the same way.
+    pub fn pick_for_key(&self, key: &str) -> &str {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in key.as_bytes() {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.pick(hash % self.total().max(1))
+    }
 }
 
 impl Policy {
@@ -140,6 +181,7 @@ impl Policy {
                 serving: ServingSettings::default(),
             }],
             default_variant: "fp32".to_owned(),
+            split: None,
         }
     }
 
@@ -199,6 +241,8 @@ struct RawVariant {
 #[serde(deny_unknown_fields)]
 struct RawRouting {
     default: Option<String>,
+    split: Option<BTreeMap<String, u32>>,
+    key: Option<String>,
 }
 
 fn parse_raw(text: &str, path: &Path) -> Result<RawPolicy, PolicyError> {
@@ -269,6 +313,9 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
                 if let Err(err) = mantissa_quantize::int8::validate_options(&options) {
                     return Err(error(&at("nodes_exclude"), err.to_string()));
                 }
+                if let Err(err) = options.calibration.validate() {
+                    return Err(error(&at("calibration"), err.to_string()));
+                }
                 match (&options.calibration_data, options.mode) {
                     (None, Int8Mode::Static) => {
                         return Err(error(
@@ -314,6 +361,7 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
             ));
         }
         None if variants.len() == 1 => variants[0].name.clone(),
+        None if raw.routing.split.is_some() => raw.routing.split.as_ref().and_then(|s| s.keys().next().cloned()).unwrap_or_default(),
         None => {
             return Err(error(
                 &["routing"],
@@ -322,7 +370,35 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
         }
     };
 
-    Ok(Policy { source: Some(path.to_owned()), variants, default_variant })
+    let split = match &raw.routing.split {
+        None => {
+            if raw.routing.key.is_some() {
+                return Err(error(&["routing", "key"], "`key` only applies with a `split`".to_owned()));
+            }
+            None
+        }
+        Some(weights) => {
+            if let Some(unknown) = weights.keys().find(|name| !raw.variants.contains_key(*name)) {
+                let known: Vec<&str> = raw.variants.keys().map(String::as_str).collect();
+                return Err(error(&["routing", "split", unknown], format!("names unknown variant `{unknown}`; expected one of {known:?}")));
+            }
+            if let Some((name, _)) = weights.iter().find(|(_, weight)| **weight == 0) {
+                return Err(error(&["routing", "split", name], "weight 0 sends no traffic; remove the entry instead".to_owned()));
+            }
+            let total: u64 = weights.values().map(|w| u64::from(*w)).sum();
+            if weights.len() < 2 || total > 1_000_000 {
+                return Err(error(
+                    &["routing", "split"],
+                    format!("expected at least two variants with weights summing to at most 1000000 (e.g. int8: 90, fp16: 10), got {weights:?}"),
+                ));
+            }
+            Some(Split {
+                weights: weights.iter().map(|(name, weight)| (name.clone(), *weight)).collect(),
+                key: raw.routing.key.clone().unwrap_or_else(|| "routing_key".to_owned()),
+            })
+        }
+    };
+    Ok(Policy { source: Some(path.to_owned()), variants, default_variant, split })
 }
 
 fn merge_serving(base: &ServingSettings, raw: &RawServing) -> Result<ServingSettings, String> {
@@ -500,6 +576,26 @@ mod tests {
         assert!(err.message.contains("does not exist"), "{err}");
         let dynamic = Policy::parse("variants:\n  q:\n    precision: int8\n", &path).unwrap();
         assert_eq!(dynamic.variants[0].int8.as_ref().unwrap().mode, Int8Mode::Dynamic);
+    }
+
+    #[test]
+    fn split_routing_is_validated_and_sticky() {
+        let text = "variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp16\nrouting:\n  default: a\n  split:\n    a: 90\n    b: 10\n  key: user\n";
+        let policy = parse(text).unwrap();
+        let split = policy.split.as_ref().unwrap();
+        assert_eq!(split.key, "user");
+        assert_eq!(split.total(), 100);
+        assert_eq!((split.pick(0), split.pick(89), split.pick(90), split.pick(99)), ("a", "a", "b", "b"));
+        // Stable: the same key always lands on the same variant.
+        let first = split.pick_for_key("customer-42");
+        assert!((0..10).all(|_| split.pick_for_key("customer-42") == first));
+
+        let err = parse("variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp16\nrouting:\n  split:\n    a: 90\n    c: 10\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(9), "routing.split.c"));
+        let err = parse("variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp16\nrouting:\n  split:\n    a: 0\n    b: 10\n").unwrap_err();
+        assert_eq!(err.key, "routing.split.a");
+        let err = parse("variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp16\nrouting:\n  split:\n    a: 5\n").unwrap_err();
+        assert_eq!(err.key, "routing.split");
     }
 
     #[test]

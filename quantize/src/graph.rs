@@ -230,6 +230,29 @@ pub fn remove_dead(graph: &mut GraphProto) -> (usize, usize) {
     (removed_nodes, before - graph.initializer.len())
 }
 
+/// Turns `Constant` nodes holding a tensor into initializers of the same name, so passes that
+/// look for constant weights find them whichever way the exporter stored them. Returns how
+/// many were moved.
+pub fn constants_to_initializers(graph: &mut GraphProto) -> usize {
+    let mut moved = 0;
+    let mut kept = Vec::with_capacity(graph.node.len());
+    for node in std::mem::take(&mut graph.node) {
+        let tensor = (node.op_type() == "Constant" && node.domain().is_empty() && node.output.len() == 1)
+            .then(|| node.attribute.iter().find(|a| a.name() == "value").and_then(|a| a.t.clone()))
+            .flatten();
+        match tensor {
+            Some(mut tensor) => {
+                tensor.name = Some(node.output[0].clone());
+                graph.initializer.push(tensor);
+                moved += 1;
+            }
+            None => kept.push(node),
+        }
+    }
+    graph.node = kept;
+    moved
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,6 +319,21 @@ mod tests {
             ["w", "x"]
         );
         assert_eq!(GraphIndex::build(&g).consumers("w"), &[0]);
+    }
+
+    #[test]
+    fn constant_nodes_become_initializers() {
+        let mut constant = node("c", "Constant", &[], &["w"]);
+        constant.attribute.push(AttributeProto {
+            name: Some("value".into()),
+            t: Some(TensorProto { dims: vec![1], data_type: Some(1), float_data: vec![2.0], ..Default::default() }),
+            ..Default::default()
+        });
+        let mut g = graph(vec![constant, node("a", "MatMul", &["x", "w"], &["y"])]);
+        assert_eq!(constants_to_initializers(&mut g), 1);
+        assert_eq!(g.node.len(), 1);
+        let moved = g.initializer.iter().find(|t| t.name() == "w").unwrap();
+        assert_eq!(moved.float_data, vec![2.0]);
     }
 
     #[test]

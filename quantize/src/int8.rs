@@ -322,6 +322,7 @@ fn linear_weights(graph: &GraphProto, node: &NodeProto) -> Result<LinearWeights,
 pub fn quantize_dynamic(model: &mut ModelProto, options: &Int8Options) -> Result<Int8Report, Int8Error> {
     let selection = Selection::new(options)?;
     let graph = model.graph.as_mut().ok_or(Int8Error::NoGraph)?;
+    crate::graph::constants_to_initializers(graph);
     let mut names = NameGenerator::for_graph(graph);
     let (first, last) = first_and_last_compute(graph);
     let mut report = Int8Report::default();

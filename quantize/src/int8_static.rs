@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::calibration::{clip_for_consumers, per_channel_int8_symmetric, quantize_bias_int32, uint8_asymmetric};
+use crate::calibration::{clip_for_consumers, int8_symmetric, per_channel_int8_symmetric, quantize_bias_int32, uint8_asymmetric};
 use crate::elem;
 use crate::graph::{GraphIndex, NameGenerator, topological_order};
 use crate::int8::{
@@ -159,6 +159,7 @@ fn compute_node_supported(graph: &GraphProto, node: &NodeProto, initializers: &H
 pub fn tensors_to_calibrate(model: &ModelProto, options: &Int8Options) -> Result<Vec<String>, Int8Error> {
     let graph = model.graph.as_ref().ok_or(Int8Error::NoGraph)?;
     let mut sorted = graph.clone();
+    crate::graph::constants_to_initializers(&mut sorted);
     crate::graph::sort_topologically(&mut sorted)?;
     let types = infer_elem_types(&sorted, &ElemTypes::new());
     let plan = plan(&sorted, &types, options)?;
@@ -167,7 +168,9 @@ pub fn tensors_to_calibrate(model: &ModelProto, options: &Int8Options) -> Result
 
 struct QuantParams {
     scale: f32,
+    /// The zero point's byte and its element type (UINT8 or INT8).
     zero_point: u8,
+    zero_point_type: i32,
 }
 
 /// Static INT8 with the given calibrated ranges (keys: tensor names from
@@ -182,6 +185,7 @@ pub fn quantize_static(
     }
     let opset = model.opset_import.iter().find(|o| o.domain().is_empty()).and_then(|o| o.version).unwrap_or(1);
     let graph = model.graph.as_mut().ok_or(Int8Error::NoGraph)?;
+    crate::graph::constants_to_initializers(graph);
     let order = topological_order(graph)?;
     let mut nodes: Vec<Option<NodeProto>> = std::mem::take(&mut graph.node).into_iter().map(Some).collect();
     graph.node = order.iter().filter_map(|&i| nodes[i].take()).collect();
@@ -200,6 +204,7 @@ pub fn quantize_static(
     let mut names = NameGenerator::for_graph(graph);
     let mut report = Int8Report { skipped: plan.skipped.clone(), ..Default::default() };
 
+    let graph_outputs: HashSet<String> = graph.output.iter().map(|o| o.name().to_owned()).collect();
     // Activation parameters, following shared tensors back to their source.
     let mut params: HashMap<String, QuantParams> = HashMap::new();
     for tensor in &plan.tensors {
@@ -209,14 +214,26 @@ pub fn quantize_static(
         }
         let (mut lo, mut hi) = ranges.get(&source).copied().unwrap_or((0.0, 0.0));
         if options.calibration.clip_saturating_inputs && !plan.shares.contains_key(tensor) {
-            let consumers: Vec<&str> = index.consumers(tensor).iter().map(|&c| graph.node[c].op_type()).collect();
+            let mut consumers: Vec<&str> = index.consumers(tensor).iter().map(|&c| graph.node[c].op_type()).collect();
+            // A graph output is read by the caller too: never clip it.
+            if graph_outputs.contains(tensor) {
+                consumers.push("GraphOutput");
+            }
             (lo, hi) = clip_for_consumers((lo, hi), &consumers);
         }
-        let (scale, zero_point) = uint8_asymmetric(lo, hi, options.reduce_range);
-        params.insert(tensor.clone(), QuantParams { scale, zero_point });
+        let parameters = match options.activation_type {
+            ActivationType::Uint8 => {
+                let (scale, zero_point) = uint8_asymmetric(lo, hi, options.reduce_range);
+                QuantParams { scale, zero_point, zero_point_type: elem::UINT8 }
+            }
+            ActivationType::Int8 => {
+                let (scale, zero_point) = int8_symmetric(lo, hi, options.reduce_range);
+                QuantParams { scale, zero_point: zero_point as u8, zero_point_type: elem::INT8 }
+            }
+        };
+        params.insert(tensor.clone(), parameters);
     }
 
-    let graph_outputs: HashSet<String> = graph.output.iter().map(|o| o.name().to_owned()).collect();
     let mut new_initializers: Vec<TensorProto> = Vec::new();
     let mut dequantized: HashMap<String, String> = HashMap::new();
     let mut pending_pairs: HashMap<String, Vec<NodeProto>> = HashMap::new();
@@ -227,7 +244,7 @@ pub fn quantize_static(
         new_initializers.push(float_tensor(&scale_name, vec![], &[p.scale]));
         new_initializers.push(TensorProto {
             name: Some(zero_name.clone()),
-            data_type: Some(elem::UINT8),
+            data_type: Some(p.zero_point_type),
             raw_data: Some(vec![p.zero_point]),
             ..Default::default()
         });
@@ -285,7 +302,7 @@ pub fn quantize_static(
                 *input = replacement.clone();
             }
         }
-        rebuilt.extend(weight_nodes.drain(..));
+        rebuilt.append(&mut weight_nodes);
         let outputs = node.output.clone();
         rebuilt.push(node);
         for output in outputs {
@@ -295,9 +312,6 @@ pub fn quantize_static(
         }
     }
     graph.node = rebuilt;
-    // Graph outputs stay readable under their own names: a quantized tensor that is also a
-    // graph output keeps its producer writing it (its Q/DQ readers are unaffected).
-    let _ = graph_outputs;
     graph.initializer.extend(new_initializers);
     let index = GraphIndex::build(graph);
     graph

@@ -99,6 +99,25 @@ impl ServedModel {
         })
     }
 
+    /// The variant that serves a request: an explicit `model_version`, else the policy's split
+    /// (pinned by the split's key parameter when the request carries it, random otherwise),
+    /// else the default.
+    pub fn route(&self, version: &str, sticky_key: impl FnOnce(&str) -> Option<String>) -> Result<&Variant, ServeError> {
+        if !version.is_empty() {
+            return self.variant(version);
+        }
+        match &self.entry.policy.split {
+            Some(split) => {
+                let chosen = match sticky_key(&split.key) {
+                    Some(key) => split.pick_for_key(&key),
+                    None => split.pick(rand::random::<u64>()),
+                };
+                self.variant(chosen)
+            }
+            None => self.variant(""),
+        }
+    }
+
     /// A model is ready when its default variant is.
     pub fn is_ready(&self) -> bool {
         self.variant("").is_ok_and(Variant::is_ready)

@@ -19,7 +19,7 @@ use crate::metrics;
 use crate::registry::{Registry, ServedModel, Variant};
 use crate::signature::{ModelSignature, TensorSpec};
 use crate::validation::validate_request;
-use crate::worker::SubmitError;
+use crate::worker::{SubmitError, WorkerPool};
 
 /// Protocol extensions this server implements, as listed by ServerMetadata.
 pub const EXTENSIONS: &[&str] = &["model_configuration"];
@@ -36,23 +36,17 @@ impl InferenceService {
         Self { registry, max_message_bytes }
     }
 
-    fn ready_variant(
-        &self,
-        model: &str,
-        version: &str,
-    ) -> Result<(&ServedModel, &Variant, Arc<crate::worker::WorkerPool>), ServeError> {
+    fn ready_variant(&self, model: &str, version: &str) -> Result<(&ServedModel, &Variant, Arc<WorkerPool>), ServeError> {
         let served = self.registry.model(model)?;
         let variant = served.variant(version)?;
-        let pool = variant.pool().map_err(|reason| ServeError::NotReady {
-            model: model.to_owned(),
-            version: variant.spec.name.clone(),
-            reason,
-        })?;
-        Ok((served, variant, pool))
+        Ok((served, variant, ready_pool(served, variant)?))
     }
 
     async fn infer(&self, request: &mut ModelInferRequest) -> Result<(String, ModelInferResponse), ServeError> {
-        let (served, variant, pool) = self.ready_variant(&request.model_name, &request.model_version)?;
+        let served = self.registry.model(&request.model_name)?;
+        let parameters = &request.parameters;
+        let variant = served.route(&request.model_version, |key| parameters.get(key).and_then(parameter_text))?;
+        let pool = ready_pool(served, variant)?;
         let valid = validate_request(request, pool.signature(), self.max_message_bytes)?;
         let receiver = pool.submit(valid).map_err(|err| match err {
             SubmitError::Full { capacity } => {
@@ -78,6 +72,26 @@ impl InferenceService {
         }
         Ok((variant.spec.name.clone(), response))
     }
+}
+
+fn ready_pool(served: &ServedModel, variant: &Variant) -> Result<Arc<WorkerPool>, ServeError> {
+    variant.pool().map_err(|reason| ServeError::NotReady {
+        model: served.name().to_owned(),
+        version: variant.spec.name.clone(),
+        reason,
+    })
+}
+
+/// A request parameter's value as text, for sticky routing keys.
+fn parameter_text(parameter: &InferParameter) -> Option<String> {
+    use mantissa_proto::inference::infer_parameter::ParameterChoice;
+    Some(match parameter.parameter_choice.as_ref()? {
+        ParameterChoice::StringParam(text) => text.clone(),
+        ParameterChoice::Int64Param(value) => value.to_string(),
+        ParameterChoice::Uint64Param(value) => value.to_string(),
+        ParameterChoice::BoolParam(value) => value.to_string(),
+        ParameterChoice::DoubleParam(value) => value.to_string(),
+    })
 }
 
 fn tensor_metadata(specs: &[TensorSpec]) -> Vec<TensorMetadata> {
