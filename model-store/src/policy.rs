@@ -89,6 +89,10 @@ pub struct ServingSettings {
     pub dynamic_batching: bool,
     /// How long a worker holding a request waits for more to batch with it.
     pub max_queue_delay: Duration,
+    /// Requests that may wait for a worker; `None` uses the server's `--queue-capacity`.
+    pub max_queue_size: Option<u32>,
+    /// Deadline for requests whose client sent none; `None` waits as long as the client does.
+    pub default_timeout: Option<Duration>,
 }
 
 impl Default for ServingSettings {
@@ -100,6 +104,8 @@ impl Default for ServingSettings {
             intra_op_spinning: false,
             dynamic_batching: true,
             max_queue_delay: Duration::ZERO,
+            max_queue_size: None,
+            default_timeout: None,
         }
     }
 }
@@ -225,6 +231,8 @@ struct RawServing {
     intra_op_spinning: Option<bool>,
     dynamic_batching: Option<bool>,
     max_queue_delay: Option<String>,
+    max_queue_size: Option<u32>,
+    default_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,7 +282,7 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
         return Err(error(&["variants"], "at least one variant is required".to_owned()));
     }
     let defaults = merge_serving(&ServingSettings::default(), &raw.serving)
-        .map_err(|message| error(&["serving", "max_queue_delay"], message))?;
+        .map_err(|(key, message)| error(&["serving", key], message))?;
     check_serving(&defaults, &["serving"], &error)?;
 
     let mut variants = Vec::with_capacity(raw.variants.len());
@@ -286,7 +294,7 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
             ));
         }
         let serving = merge_serving(&defaults, &variant.serving)
-            .map_err(|message| error(&["variants", name, "serving", "max_queue_delay"], message))?;
+            .map_err(|(key, message)| error(&["variants", name, "serving", key], message))?;
         check_serving(&serving, &["variants", name, "serving"], &error)?;
         let fp16 = match (variant.precision, &variant.fp16) {
             (Precision::Fp16, options) => Some(options.clone().unwrap_or_default()),
@@ -401,10 +409,14 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
     Ok(Policy { source: Some(path.to_owned()), variants, default_variant, split })
 }
 
-fn merge_serving(base: &ServingSettings, raw: &RawServing) -> Result<ServingSettings, String> {
+fn merge_serving(base: &ServingSettings, raw: &RawServing) -> Result<ServingSettings, (&'static str, String)> {
     let max_queue_delay = match &raw.max_queue_delay {
-        Some(text) => parse_delay(text)?,
+        Some(text) => parse_duration(text, 1.0).map_err(|m| ("max_queue_delay", m))?,
         None => base.max_queue_delay,
+    };
+    let default_timeout = match &raw.default_timeout {
+        Some(text) => Some(parse_duration(text, 3600.0).map_err(|m| ("default_timeout", m))?),
+        None => base.default_timeout,
     };
     Ok(ServingSettings {
         max_batch_size: raw.max_batch_size.or(base.max_batch_size),
@@ -413,23 +425,26 @@ fn merge_serving(base: &ServingSettings, raw: &RawServing) -> Result<ServingSett
         intra_op_spinning: raw.intra_op_spinning.unwrap_or(base.intra_op_spinning),
         dynamic_batching: raw.dynamic_batching.unwrap_or(base.dynamic_batching),
         max_queue_delay,
+        max_queue_size: raw.max_queue_size.or(base.max_queue_size),
+        default_timeout,
     })
 }
 
-/// Parses `500us`, `2ms` or `0.01s`; at most one second.
-fn parse_delay(text: &str) -> Result<Duration, String> {
+/// Parses `500us`, `2ms`, `0.01s` or `2m`, up to `max_seconds`.
+fn parse_duration(text: &str, max_seconds: f64) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("expected a delay like 500us, 2ms or 0.01s, got '{text}'"))?;
+    let value: f64 = number.parse().map_err(|_| format!("expected a duration like 500us, 2ms or 0.5s, got '{text}'"))?;
     let seconds = match unit {
         "us" => value / 1e6,
         "ms" => value / 1e3,
         "s" => value,
-        _ => return Err(format!("expected a delay like 500us, 2ms or 0.01s, got '{text}'")),
+        "m" => value * 60.0,
+        _ => return Err(format!("expected a duration like 500us, 2ms or 0.5s, got '{text}'")),
     };
-    if !(0.0..=1.0).contains(&seconds) {
-        return Err(format!("expected a delay between 0 and 1s, got '{text}'"));
+    if !(0.0..=max_seconds).contains(&seconds) {
+        return Err(format!("expected a duration between 0 and {max_seconds}s, got '{text}'"));
     }
     Ok(Duration::from_secs_f64(seconds))
 }
@@ -445,6 +460,9 @@ fn check_serving(
     }
     if serving.intra_op_threads > 1024 {
         return Err(error(&key("intra_op_threads"), format!("expected 0..=1024, got {}", serving.intra_op_threads)));
+    }
+    if serving.max_queue_size == Some(0) {
+        return Err(error(&key("max_queue_size"), "expected at least 1, got 0".to_owned()));
     }
     if let Some(size) = serving.max_batch_size
         && size > 65_536
@@ -482,6 +500,8 @@ mod tests {
                 intra_op_spinning: false,
                 dynamic_batching: true,
                 max_queue_delay: Duration::ZERO,
+                max_queue_size: None,
+                default_timeout: None,
             }
         );
     }
@@ -551,6 +571,11 @@ mod tests {
         let err = parse("serving:\n  max_queue_delay: 5h\nvariants:\n  a:\n    precision: fp32\n").unwrap_err();
         assert_eq!((err.line, err.key.as_str()), (Some(2), "serving.max_queue_delay"));
         assert!(err.message.contains("'5h'"), "{err}");
+        let policy = parse("serving:\n  default_timeout: 2m\n  max_queue_size: 8\nvariants:\n  a:\n    precision: fp32\n").unwrap();
+        assert_eq!(policy.variants[0].serving.default_timeout, Some(Duration::from_secs(120)));
+        assert_eq!(policy.variants[0].serving.max_queue_size, Some(8));
+        let err = parse("variants:\n  a:\n    precision: fp32\n    serving:\n      default_timeout: soon\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(5), "variants.a.serving.default_timeout"));
     }
 
     #[test]

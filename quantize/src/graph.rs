@@ -323,16 +323,16 @@ mod tests {
 
     #[test]
     fn constant_nodes_become_initializers() {
-        let mut constant = node("c", "Constant", &[], &["w"]);
+        let mut constant = node("c", "Constant", &[], &["k"]);
         constant.attribute.push(AttributeProto {
             name: Some("value".into()),
             t: Some(TensorProto { dims: vec![1], data_type: Some(1), float_data: vec![2.0], ..Default::default() }),
             ..Default::default()
         });
-        let mut g = graph(vec![constant, node("a", "MatMul", &["x", "w"], &["y"])]);
+        let mut g = graph(vec![constant, node("a", "MatMul", &["x", "k"], &["y"])]);
         assert_eq!(constants_to_initializers(&mut g), 1);
         assert_eq!(g.node.len(), 1);
-        let moved = g.initializer.iter().find(|t| t.name() == "w").unwrap();
+        let moved = g.initializer.iter().find(|t| t.name() == "k").unwrap();
         assert_eq!(moved.float_data, vec![2.0]);
     }
 

@@ -68,8 +68,16 @@ pub struct ServeArgs {
     #[arg(long, env = "MANTISSA_DEFAULT_MAX_BATCH_SIZE", default_value_t = 64)]
     pub default_max_batch_size: u32,
     /// Requests each variant may hold waiting for a worker; more are refused with RESOURCE_EXHAUSTED.
+    /// A policy's `max_queue_size` overrides it per variant.
     #[arg(long, env = "MANTISSA_QUEUE_CAPACITY", default_value_t = 1024)]
     pub queue_capacity: usize,
+    /// Directory where built variants (FP16, INT8) are cached by content, so a restart with the
+    /// same inputs skips quantization. Without it every start rebuilds.
+    #[arg(long, env = "MANTISSA_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Variants built at the same time at startup.
+    #[arg(long, env = "MANTISSA_BUILD_CONCURRENCY", default_value_t = 2)]
+    pub build_concurrency: usize,
 }
 
 impl ServeArgs {
@@ -82,6 +90,8 @@ impl ServeArgs {
                 max_batch_size: self.default_max_batch_size,
                 queue_capacity: self.queue_capacity.max(1),
             },
+            cache_dir: self.cache_dir.clone(),
+            build_concurrency: self.build_concurrency.max(1),
         }
     }
 }

@@ -16,6 +16,8 @@ pub enum ServeError {
     InvalidArgument(String),
     #[error("model '{model}' version '{version}': queue is full ({capacity} requests waiting); retry later")]
     QueueFull { model: String, version: String, capacity: usize },
+    #[error("deadline exceeded after waiting {waited:?} in the queue; the request was not run")]
+    DeadlineExceeded { waited: std::time::Duration },
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("ONNX Runtime failed: {0}")]
@@ -29,6 +31,7 @@ impl ServeError {
             ServeError::NotReady { .. } | ServeError::ShuttingDown => Code::Unavailable,
             ServeError::InvalidArgument(_) => Code::InvalidArgument,
             ServeError::QueueFull { .. } => Code::ResourceExhausted,
+            ServeError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             ServeError::Execution(_) => Code::Internal,
         }
     }
@@ -41,6 +44,7 @@ impl ServeError {
             ServeError::NotReady { .. } => "not_ready",
             ServeError::InvalidArgument(_) => "invalid_argument",
             ServeError::QueueFull { .. } => "queue_full",
+            ServeError::DeadlineExceeded { .. } => "deadline_exceeded",
             ServeError::ShuttingDown => "shutting_down",
             ServeError::Execution(_) => "execution",
         }

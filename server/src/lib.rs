@@ -5,6 +5,7 @@
 //! (`worker`, `executor`), and answered by the gRPC handler (`service`). `server` wires the
 //! lifecycle; `bench` is the load generator.
 
+pub mod artifact_cache;
 pub mod batching;
 pub mod bench;
 pub mod calibrate;
@@ -18,6 +19,7 @@ pub mod npz;
 pub mod ort_runtime;
 pub mod quantize_cmd;
 pub mod registry;
+pub mod self_test;
 pub mod server;
 pub mod service;
 pub mod signature;

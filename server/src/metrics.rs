@@ -8,6 +8,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const REQUESTS_TOTAL: &str = "mantissa_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "mantissa_request_duration_seconds";
 pub const BATCH_SIZE: &str = "mantissa_batch_size";
+pub const REQUESTS_DROPPED_TOTAL: &str = "mantissa_requests_dropped_total";
 
 /// Requests merged into one run: 1, 2, 4, ... 256.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
@@ -27,6 +28,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|err| err.to_string())?;
     metrics::describe_counter!(REQUESTS_TOTAL, "Inference requests by model, variant and outcome");
     metrics::describe_histogram!(BATCH_SIZE, "Requests merged into one ONNX Runtime run");
+    metrics::describe_counter!(
+        REQUESTS_DROPPED_TOTAL,
+        "Queued requests dropped before execution, by reason (cancelled, deadline)"
+    );
     metrics::describe_histogram!(
         REQUEST_DURATION_SECONDS,
         metrics::Unit::Seconds,
@@ -55,4 +60,9 @@ pub async fn serve(
         }),
     );
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+pub fn record_dropped(model: &str, variant: &str, reason: &'static str) {
+    let labels = [("model", model.to_owned()), ("variant", variant.to_owned()), ("reason", reason.to_owned())];
+    metrics::counter!(REQUESTS_DROPPED_TOTAL, &labels).increment(1);
 }

@@ -10,7 +10,9 @@ use ort::environment::Environment;
 
 use crate::error::ServeError;
 use crate::executor::SessionConfig;
-use crate::variant_build::build_variant;
+use crate::artifact_cache::ArtifactCache;
+use crate::self_test::batch_invariance;
+use crate::variant_build::build_variant_cached;
 use crate::worker::{WorkerPool, WorkerPoolConfig};
 
 /// Serving limits that come from the server's configuration rather than a model's policy.
@@ -71,6 +73,68 @@ impl Variant {
 
     fn set(&self, state: VariantState) -> VariantState {
         std::mem::replace(&mut *self.state.write().unwrap_or_else(|poison| poison.into_inner()), state)
+    }
+}
+
+/// How variants are built at startup.
+#[derive(Debug, Clone, Default)]
+pub struct BuildSettings {
+    /// Variants built at the same time.
+    pub concurrency: usize,
+    /// Content-addressed store of built variants; `None` builds every start.
+    pub cache: Option<ArtifactCache>,
+}
+
+fn load_variant(
+    environment: &Arc<Environment>,
+    model: &ServedModel,
+    variant: &Variant,
+    defaults: ServingDefaults,
+    cache: Option<&ArtifactCache>,
+) {
+    let label = format!("{}:{}", model.name(), variant.spec.name);
+    let started = std::time::Instant::now();
+    tracing::info!(model = model.name(), variant = %variant.spec.name, precision = variant.spec.precision.as_str(), "building variant");
+    let built = match build_variant_cached(environment, &model.entry, &variant.spec, cache) {
+        Ok(built) => built,
+        Err(reason) => {
+            tracing::error!(model = model.name(), variant = %variant.spec.name, %reason, "variant failed to build");
+            variant.set(VariantState::Failed(reason));
+            return;
+        }
+    };
+    let serving = &variant.spec.serving;
+    let config = WorkerPoolConfig {
+        label,
+        model_name: model.name().to_owned(),
+        variant_name: variant.spec.name.clone(),
+        model: built.source,
+        instances: serving.instances,
+        session: SessionConfig { intra_op_threads: serving.intra_op_threads, intra_op_spinning: serving.intra_op_spinning },
+        max_batch_size: serving.max_batch_size,
+        default_max_batch_size: defaults.max_batch_size,
+        queue_capacity: serving.max_queue_size.map_or(defaults.queue_capacity, |size| size as usize),
+        dynamic_batching: serving.dynamic_batching,
+        max_queue_delay: serving.max_queue_delay,
+    };
+    match WorkerPool::start(Arc::clone(environment), config) {
+        Ok(pool) => {
+            let mut parameters = built.parameters;
+            parameters.extend(batch_invariance(&pool, variant.spec.precision));
+            tracing::info!(
+                model = model.name(),
+                variant = %variant.spec.name,
+                instances = serving.instances,
+                max_batch_size = pool.signature().max_batch_size,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "variant ready"
+            );
+            variant.set(VariantState::Ready(Arc::new(pool), Arc::new(parameters)));
+        }
+        Err(reason) => {
+            tracing::error!(model = model.name(), variant = %variant.spec.name, %reason, "variant failed to load");
+            variant.set(VariantState::Failed(reason));
+        }
     }
 }
 
@@ -166,52 +230,22 @@ impl Registry {
 
     /// Builds every variant's workers (blocking: run it off the async runtime). Failures are
     /// recorded on the variant and logged; the other variants still load.
-    pub fn load_all(&self, environment: &Arc<Environment>, defaults: ServingDefaults) {
-        for model in self.models.values() {
-            for variant in &model.variants {
-                let label = format!("{}:{}", model.name(), variant.spec.name);
-                let started = std::time::Instant::now();
-                let built = match build_variant(environment, &model.entry, &variant.spec) {
-                    Ok(built) => built,
-                    Err(reason) => {
-                        tracing::error!(model = model.name(), variant = %variant.spec.name, %reason, "variant failed to build");
-                        variant.set(VariantState::Failed(reason));
-                        continue;
+    pub fn load_all(&self, environment: &Arc<Environment>, defaults: ServingDefaults, build: &BuildSettings) {
+        let jobs: Vec<(&ServedModel, &Variant)> =
+            self.models.values().flat_map(|model| model.variants.iter().map(move |variant| (model, variant))).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let workers = build.concurrency.clamp(1, jobs.len().max(1));
+        // Variants build concurrently, at most `concurrency` at a time: calibration and passes
+        // are CPU-bound, so more would only slow each other down.
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    while let Some((model, variant)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        load_variant(environment, model, variant, defaults, build.cache.as_ref());
                     }
-                };
-                let config = WorkerPoolConfig {
-                    label: label.clone(),
-                    model: built.source,
-                    instances: variant.spec.serving.instances,
-                    session: SessionConfig {
-                        intra_op_threads: variant.spec.serving.intra_op_threads,
-                        intra_op_spinning: variant.spec.serving.intra_op_spinning,
-                    },
-                    max_batch_size: variant.spec.serving.max_batch_size,
-                    default_max_batch_size: defaults.max_batch_size,
-                    queue_capacity: defaults.queue_capacity,
-                    dynamic_batching: variant.spec.serving.dynamic_batching,
-                    max_queue_delay: variant.spec.serving.max_queue_delay,
-                };
-                match WorkerPool::start(Arc::clone(environment), config) {
-                    Ok(pool) => {
-                        tracing::info!(
-                            model = model.name(),
-                            variant = %variant.spec.name,
-                            instances = variant.spec.serving.instances,
-                            max_batch_size = pool.signature().max_batch_size,
-                            elapsed_ms = started.elapsed().as_millis() as u64,
-                            "variant ready"
-                        );
-                        variant.set(VariantState::Ready(Arc::new(pool), Arc::new(built.parameters)));
-                    }
-                    Err(reason) => {
-                        tracing::error!(model = model.name(), variant = %variant.spec.name, %reason, "variant failed to load");
-                        variant.set(VariantState::Failed(reason));
-                    }
-                }
+                });
             }
-        }
+        });
         self.loading_done.store(true, Ordering::Release);
     }
 

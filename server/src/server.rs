@@ -11,7 +11,8 @@ use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
 use crate::ort_runtime::{OrtSetupError, init_environment, locate_library};
-use crate::registry::{Registry, ServingDefaults};
+use crate::artifact_cache::ArtifactCache;
+use crate::registry::{BuildSettings, Registry, ServingDefaults};
 use crate::service::InferenceService;
 
 /// Health service name of the inference service, as clients ask for it.
@@ -26,6 +27,10 @@ pub struct ServerConfig {
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
     pub serving: ServingDefaults,
+    /// Directory of the content-addressed artifact cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Variants built at the same time at startup.
+    pub build_concurrency: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +43,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("cache directory {path}: {source}")]
+    Cache { path: PathBuf, source: std::io::Error },
     #[error("internal task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -55,6 +62,11 @@ pub async fn run(
     let environment = Arc::new(init_environment(&library)?);
 
     let registry = Arc::new(Registry::new(entries));
+    let cache = match &config.cache_dir {
+        Some(directory) => Some(ArtifactCache::new(directory.clone()).map_err(|source| ServerError::Cache { path: directory.clone(), source })?),
+        None => None,
+    };
+    let build = BuildSettings { concurrency: config.build_concurrency, cache };
     let (health, health_service) = tonic_health::server::health_reporter();
     let model_names: Vec<String> = registry.models().map(|model| model.name().to_owned()).collect();
     for name in model_names.iter().map(String::as_str).chain(["", INFERENCE_SERVICE_NAME]) {
@@ -79,7 +91,7 @@ pub async fn run(
         let defaults = config.serving;
         tokio::spawn(async move {
             let loading = Arc::clone(&registry);
-            tokio::task::spawn_blocking(move || loading.load_all(&environment, defaults)).await?;
+            tokio::task::spawn_blocking(move || loading.load_all(&environment, defaults, &build)).await?;
             for model in registry.models() {
                 let status = if model.is_ready() { ServingStatus::Serving } else { ServingStatus::NotServing };
                 health.set_service_status(model.name(), status).await;

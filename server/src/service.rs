@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use mantissa_proto::inference::grpc_inference_service_server::GrpcInferenceService;
@@ -42,19 +42,31 @@ impl InferenceService {
         Ok((served, variant, ready_pool(served, variant)?))
     }
 
-    async fn infer(&self, request: &mut ModelInferRequest) -> Result<(String, ModelInferResponse), ServeError> {
+    async fn infer(
+        &self,
+        request: &mut ModelInferRequest,
+        received: Instant,
+        client_timeout: Option<Duration>,
+    ) -> Result<(String, ModelInferResponse), ServeError> {
         let served = self.registry.model(&request.model_name)?;
         let parameters = &request.parameters;
         let variant = served.route(&request.model_version, |key| parameters.get(key).and_then(parameter_text))?;
         let pool = ready_pool(served, variant)?;
         let valid = validate_request(request, pool.signature(), self.max_message_bytes)?;
-        let receiver = pool.submit(valid).map_err(|err| match err {
+        let deadline = effective_deadline(received, client_timeout, variant.spec.serving.default_timeout);
+        let receiver = pool.submit(valid, deadline).map_err(|err| match err {
             SubmitError::Full { capacity } => {
                 ServeError::QueueFull { model: served.name().to_owned(), version: variant.spec.name.clone(), capacity }
             }
             SubmitError::Closed => ServeError::ShuttingDown,
         })?;
-        let outputs = receiver.await.map_err(|_| ServeError::ShuttingDown)??;
+        let reply = async { receiver.await.map_err(|_| ServeError::ShuttingDown) };
+        let outputs = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), reply)
+                .await
+                .map_err(|_| ServeError::DeadlineExceeded { waited: received.elapsed() })???,
+            None => reply.await??,
+        };
         let mut response = ModelInferResponse {
             model_name: served.name().to_owned(),
             model_version: variant.spec.name.clone(),
@@ -71,6 +83,33 @@ impl InferenceService {
             response.raw_output_contents.push(output.raw);
         }
         Ok((variant.spec.name.clone(), response))
+    }
+}
+
+/// The grpc-timeout header (`<digits><unit>`, unit one of H M S m u n).
+fn parse_grpc_timeout(text: &str) -> Option<Duration> {
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value.saturating_mul(3600)),
+        "M" => Duration::from_secs(value.saturating_mul(60)),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
+/// When a request stops being worth running: the client's deadline or the policy's default,
+/// whichever is sooner. The client's deadline is brought forward by 2 ms so that the server
+/// answers DEADLINE_EXCEEDED itself before the transport cancels the call.
+fn effective_deadline(received: Instant, client: Option<Duration>, default: Option<Duration>) -> Option<Instant> {
+    let client = client.map(|timeout| received + timeout.saturating_sub(Duration::from_millis(2)));
+    let default = default.map(|timeout| received + timeout);
+    match (client, default) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -118,6 +157,30 @@ type StreamInferStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferRespon
 
 fn unimplemented(what: &str) -> Status {
     Status::unimplemented(format!("{what} is not supported by this server"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+
+    #[test]
+    fn the_sooner_deadline_wins() {
+        let now = Instant::now();
+        let both = effective_deadline(now, Some(Duration::from_secs(1)), Some(Duration::from_millis(100)));
+        assert_eq!(both, Some(now + Duration::from_millis(100)));
+        let client = effective_deadline(now, Some(Duration::from_millis(100)), None).unwrap();
+        assert_eq!(client, now + Duration::from_millis(98));
+        assert_eq!(effective_deadline(now, None, None), None);
+    }
 }
 
 #[tonic::async_trait]
@@ -171,8 +234,9 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
+        let client_timeout = request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
         let mut request = request.into_inner();
-        let result = self.infer(&mut request).await;
+        let result = self.infer(&mut request, started, client_timeout).await;
         let (variant, outcome) = match &result {
             Ok((variant, _)) => (variant.clone(), "ok"),
             Err(err) => (request.model_version.clone(), err.error_type()),

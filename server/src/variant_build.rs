@@ -14,6 +14,8 @@ use mantissa_quantize::onnx::ModelProto;
 use mantissa_quantize::{load_model, to_bytes};
 use ort::environment::Environment;
 
+use crate::artifact_cache::ArtifactCache;
+
 /// Where a session reads its model from.
 #[derive(Debug, Clone)]
 pub enum ModelSource {
@@ -26,6 +28,62 @@ pub enum ModelSource {
 pub struct BuiltVariant {
     pub source: ModelSource,
     pub parameters: BTreeMap<String, String>,
+}
+
+/// Builds the model of `spec`, or takes it from `cache` when an intact artifact built from the
+/// same inputs is there (blocking; building may take a while for large models).
+pub fn build_variant_cached(
+    environment: &Environment,
+    entry: &ModelEntry,
+    spec: &VariantSpec,
+    cache: Option<&ArtifactCache>,
+) -> Result<BuiltVariant, String> {
+    let Some(cache) = cache.filter(|_| spec.precision != Precision::Fp32) else {
+        return build_variant(environment, entry, spec);
+    };
+    let started = Instant::now();
+    let options = format!("{:?} {:?} {:?}", spec.precision, spec.fp16, spec.int8);
+    let key = ArtifactCache::key(&input_files(entry, spec)?, &options).map_err(|err| format!("cache key: {err}"))?;
+    if let Some((bytes, mut parameters)) = cache.load(&entry.name, &spec.name, &key) {
+        tracing::info!(
+            model = %entry.name,
+            variant = %spec.name,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "variant loaded from cache"
+        );
+        parameters.insert("cache".to_owned(), "hit".to_owned());
+        return Ok(BuiltVariant { source: ModelSource::Memory(bytes.into()), parameters });
+    }
+    let mut built = build_variant(environment, entry, spec)?;
+    if let ModelSource::Memory(bytes) = &built.source
+        && let Err(err) = cache.store(&entry.name, &spec.name, &key, bytes, &built.parameters)
+    {
+        tracing::warn!(model = %entry.name, variant = %spec.name, error = %err, "cannot write the variant to the cache");
+    }
+    built.parameters.insert("cache".to_owned(), "miss".to_owned());
+    Ok(built)
+}
+
+/// Every file a variant's artifact depends on: the model, its external data, and for static
+/// INT8 the calibration samples.
+fn input_files(entry: &ModelEntry, spec: &VariantSpec) -> Result<Vec<PathBuf>, String> {
+    let mut files = vec![entry.model_path.clone()];
+    let bytes = std::fs::read(&entry.model_path).map_err(|err| format!("{}: {err}", entry.model_path.display()))?;
+    let model = mantissa_quantize::load_model_from_bytes(&bytes, &entry.model_path).map_err(|err| err.to_string())?;
+    let mut external = std::collections::BTreeSet::new();
+    for tensor in model.graph.iter().flat_map(|g| &g.initializer) {
+        for location in tensor.external_data.iter().filter(|e| e.key() == "location") {
+            external.insert(entry.directory.join(location.value()));
+        }
+    }
+    files.extend(external);
+    if let Some(options) = &spec.int8
+        && options.mode == Int8Mode::Static
+        && let Some(data) = &options.calibration_data
+    {
+        files.extend(crate::calibrate::sample_files(data)?);
+    }
+    Ok(files)
 }
 
 /// Builds the model of `spec` (blocking; may take a while for large models). Static INT8

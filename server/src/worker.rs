@@ -22,12 +22,17 @@ pub type JobResult = Result<Vec<OutputTensor>, ServeError>;
 struct Job {
     request: ValidRequest,
     reply: oneshot::Sender<JobResult>,
+    /// Past this instant the caller no longer wants an answer: the job is dropped unrun.
+    deadline: Option<Instant>,
+    enqueued: Instant,
 }
 
 /// What a variant's workers need to start.
 #[derive(Debug, Clone)]
 pub struct WorkerPoolConfig {
     pub label: String,
+    pub model_name: String,
+    pub variant_name: String,
     pub model: ModelSource,
     pub instances: u32,
     pub session: SessionConfig,
@@ -107,15 +112,20 @@ impl WorkerPool {
         &self.signature
     }
 
+    /// `model:variant`, for logs.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
     /// Jobs waiting in the queue.
     pub fn queue_depth(&self) -> usize {
         self.queue.len()
     }
 
     /// Enqueues a request without waiting; a full queue is reported at once.
-    pub fn submit(&self, request: ValidRequest) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
+    pub fn submit(&self, request: ValidRequest, deadline: Option<Instant>) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
         let (reply, receiver) = oneshot::channel();
-        match self.queue.try_send(Job { request, reply }) {
+        match self.queue.try_send(Job { request, reply, deadline, enqueued: Instant::now() }) {
             Ok(()) => Ok(receiver),
             Err(TrySendError::Full(_)) => Err(SubmitError::Full { capacity: self.queue_capacity }),
             Err(TrySendError::Disconnected(_)) => Err(SubmitError::Closed),
@@ -178,9 +188,7 @@ fn worker_main(
                 Err(_) => break,
             },
         };
-        if is_abandoned(&first, &config.label) {
-            continue;
-        }
+        let Some(first) = still_wanted(first, config) else { continue };
         let mut batch = vec![first];
         if batching {
             let mut rows = crate::batching::rows(&batch[0].request);
@@ -192,9 +200,7 @@ fn worker_main(
                     jobs.recv_deadline(deadline).ok()
                 };
                 let Some(job) = next else { break };
-                if is_abandoned(&job, &config.label) {
-                    continue;
-                }
+                let Some(job) = still_wanted(job, config) else { continue };
                 let job_rows = crate::batching::rows(&job.request);
                 if rows + job_rows <= max_rows && crate::batching::compatible(&batch[0].request, &job.request) {
                     rows += job_rows;
@@ -209,13 +215,22 @@ fn worker_main(
     }
 }
 
-/// True (and logged) when the caller went away (cancelled or timed out) while queued.
-fn is_abandoned(job: &Job, label: &str) -> bool {
-    let abandoned = job.reply.is_closed();
-    if abandoned {
-        tracing::debug!(variant = %label, id = %job.request.id, "dropping request whose client is gone");
+/// The job, unless its caller went away (cancelled) or its deadline passed while it waited:
+/// such jobs are answered (if anyone listens), counted, and never run.
+fn still_wanted(job: Job, config: &WorkerPoolConfig) -> Option<Job> {
+    let reason = if job.reply.is_closed() {
+        "cancelled"
+    } else if job.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+        "deadline"
+    } else {
+        return Some(job);
+    };
+    tracing::debug!(variant = %config.label, id = %job.request.id, reason, "dropping request before execution");
+    crate::metrics::record_dropped(&config.model_name, &config.variant_name, reason);
+    if reason == "deadline" {
+        let _ = job.reply.send(Err(ServeError::DeadlineExceeded { waited: job.enqueued.elapsed() }));
     }
-    abandoned
+    None
 }
 
 fn run_batch(session: &mut ort::session::Session, signature: &ModelSignature, batch: Vec<Job>) {
