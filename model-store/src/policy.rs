@@ -369,7 +369,9 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
             ));
         }
         None if variants.len() == 1 => variants[0].name.clone(),
-        None if raw.routing.split.is_some() => raw.routing.split.as_ref().and_then(|s| s.keys().next().cloned()).unwrap_or_default(),
+        None if raw.routing.split.is_some() => {
+            raw.routing.split.as_ref().and_then(|s| s.keys().next().cloned()).unwrap_or_default()
+        }
         None => {
             return Err(error(
                 &["routing"],
@@ -388,16 +390,24 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
         Some(weights) => {
             if let Some(unknown) = weights.keys().find(|name| !raw.variants.contains_key(*name)) {
                 let known: Vec<&str> = raw.variants.keys().map(String::as_str).collect();
-                return Err(error(&["routing", "split", unknown], format!("names unknown variant `{unknown}`; expected one of {known:?}")));
+                return Err(error(
+                    &["routing", "split", unknown],
+                    format!("names unknown variant `{unknown}`; expected one of {known:?}"),
+                ));
             }
             if let Some((name, _)) = weights.iter().find(|(_, weight)| **weight == 0) {
-                return Err(error(&["routing", "split", name], "weight 0 sends no traffic; remove the entry instead".to_owned()));
+                return Err(error(
+                    &["routing", "split", name],
+                    "weight 0 sends no traffic; remove the entry instead".to_owned(),
+                ));
             }
             let total: u64 = weights.values().map(|w| u64::from(*w)).sum();
             if weights.len() < 2 || total > 1_000_000 {
                 return Err(error(
                     &["routing", "split"],
-                    format!("expected at least two variants with weights summing to at most 1000000 (e.g. int8: 90, fp16: 10), got {weights:?}"),
+                    format!(
+                        "expected at least two variants with weights summing to at most 1000000 (e.g. int8: 90, fp16: 10), got {weights:?}"
+                    ),
                 ));
             }
             Some(Split {
@@ -435,7 +445,8 @@ fn parse_duration(text: &str, max_seconds: f64) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("expected a duration like 500us, 2ms or 0.5s, got '{text}'"))?;
+    let value: f64 =
+        number.parse().map_err(|_| format!("expected a duration like 500us, 2ms or 0.5s, got '{text}'"))?;
     let seconds = match unit {
         "us" => value / 1e6,
         "ms" => value / 1e3,
@@ -571,10 +582,13 @@ mod tests {
         let err = parse("serving:\n  max_queue_delay: 5h\nvariants:\n  a:\n    precision: fp32\n").unwrap_err();
         assert_eq!((err.line, err.key.as_str()), (Some(2), "serving.max_queue_delay"));
         assert!(err.message.contains("'5h'"), "{err}");
-        let policy = parse("serving:\n  default_timeout: 2m\n  max_queue_size: 8\nvariants:\n  a:\n    precision: fp32\n").unwrap();
+        let policy =
+            parse("serving:\n  default_timeout: 2m\n  max_queue_size: 8\nvariants:\n  a:\n    precision: fp32\n")
+                .unwrap();
         assert_eq!(policy.variants[0].serving.default_timeout, Some(Duration::from_secs(120)));
         assert_eq!(policy.variants[0].serving.max_queue_size, Some(8));
-        let err = parse("variants:\n  a:\n    precision: fp32\n    serving:\n      default_timeout: soon\n").unwrap_err();
+        let err =
+            parse("variants:\n  a:\n    precision: fp32\n    serving:\n      default_timeout: soon\n").unwrap_err();
         assert_eq!((err.line, err.key.as_str()), (Some(5), "variants.a.serving.default_timeout"));
     }
 
@@ -619,7 +633,9 @@ mod tests {
         assert_eq!((err.line, err.key.as_str()), (Some(9), "routing.split.c"));
         let err = parse("variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp16\nrouting:\n  split:\n    a: 0\n    b: 10\n").unwrap_err();
         assert_eq!(err.key, "routing.split.a");
-        let err = parse("variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp16\nrouting:\n  split:\n    a: 5\n").unwrap_err();
+        let err =
+            parse("variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp16\nrouting:\n  split:\n    a: 5\n")
+                .unwrap_err();
         assert_eq!(err.key, "routing.split");
     }
 

@@ -14,7 +14,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::calibration::{clip_for_consumers, int8_symmetric, per_channel_int8_symmetric, quantize_bias_int32, uint8_asymmetric};
+use crate::calibration::{
+    clip_for_consumers, int8_symmetric, per_channel_int8_symmetric, quantize_bias_int32, uint8_asymmetric,
+};
 use crate::elem;
 use crate::graph::{GraphIndex, NameGenerator, topological_order};
 use crate::int8::{

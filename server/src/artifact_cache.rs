@@ -98,12 +98,20 @@ impl ArtifactCache {
     }
 
     /// Stores an artifact atomically: readers see either nothing or the whole of it.
-    pub fn store(&self, model: &str, variant: &str, key: &str, bytes: &[u8], parameters: &BTreeMap<String, String>) -> std::io::Result<()> {
+    pub fn store(
+        &self,
+        model: &str,
+        variant: &str,
+        key: &str,
+        bytes: &[u8],
+        parameters: &BTreeMap<String, String>,
+    ) -> std::io::Result<()> {
         let (artifact, manifest) = self.paths(model, variant, key);
         if let Some(directory) = artifact.parent() {
             std::fs::create_dir_all(directory)?;
         }
-        let manifest_data = Manifest { sha256: hex(&Sha256::digest(bytes)), bytes: bytes.len(), parameters: parameters.clone() };
+        let manifest_data =
+            Manifest { sha256: hex(&Sha256::digest(bytes)), bytes: bytes.len(), parameters: parameters.clone() };
         write_atomically(&artifact, bytes)?;
         write_atomically(&manifest, serde_json::to_string_pretty(&manifest_data).unwrap_or_default().as_bytes())
     }

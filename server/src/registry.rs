@@ -8,9 +8,9 @@ use std::sync::{Arc, RwLock};
 use mantissa_model_store::{ModelEntry, VariantSpec};
 use ort::environment::Environment;
 
+use crate::artifact_cache::ArtifactCache;
 use crate::error::ServeError;
 use crate::executor::SessionConfig;
-use crate::artifact_cache::ArtifactCache;
 use crate::self_test::batch_invariance;
 use crate::variant_build::build_variant_cached;
 use crate::worker::{WorkerPool, WorkerPoolConfig};
@@ -110,7 +110,10 @@ fn load_variant(
         variant_name: variant.spec.name.clone(),
         model: built.source,
         instances: serving.instances,
-        session: SessionConfig { intra_op_threads: serving.intra_op_threads, intra_op_spinning: serving.intra_op_spinning },
+        session: SessionConfig {
+            intra_op_threads: serving.intra_op_threads,
+            intra_op_spinning: serving.intra_op_spinning,
+        },
         max_batch_size: serving.max_batch_size,
         default_max_batch_size: defaults.max_batch_size,
         queue_capacity: serving.max_queue_size.map_or(defaults.queue_capacity, |size| size as usize),
@@ -166,7 +169,11 @@ impl ServedModel {
     /// The variant that serves a request: an explicit `model_version`, else the policy's split
     /// (pinned by the split's key parameter when the request carries it, random otherwise),
     /// else the default.
-    pub fn route(&self, version: &str, sticky_key: impl FnOnce(&str) -> Option<String>) -> Result<&Variant, ServeError> {
+    pub fn route(
+        &self,
+        version: &str,
+        sticky_key: impl FnOnce(&str) -> Option<String>,
+    ) -> Result<&Variant, ServeError> {
         if !version.is_empty() {
             return self.variant(version);
         }

@@ -42,8 +42,12 @@ fn row(signature: &ModelSignature, seed: u64) -> ValidRequest {
             let elements: usize = shape.iter().map(|&d| d as usize).product();
             let data = match spec.datatype {
                 DataType::Fp32 => TensorData::Raw((0..elements).flat_map(|_| next().to_le_bytes()).collect()),
-                DataType::Fp64 => TensorData::Raw((0..elements).flat_map(|_| f64::from(next()).to_le_bytes()).collect()),
-                DataType::Fp16 => TensorData::Raw((0..elements).flat_map(|_| half::f16::from_f32(next()).to_le_bytes()).collect()),
+                DataType::Fp64 => {
+                    TensorData::Raw((0..elements).flat_map(|_| f64::from(next()).to_le_bytes()).collect())
+                }
+                DataType::Fp16 => {
+                    TensorData::Raw((0..elements).flat_map(|_| half::f16::from_f32(next()).to_le_bytes()).collect())
+                }
                 DataType::Bytes => TensorData::Strings(vec![String::new(); elements]),
                 other => TensorData::Raw(vec![0; elements * other.element_size().unwrap_or(1)]),
             };
@@ -57,7 +61,9 @@ fn floats(datatype: DataType, raw: &[u8]) -> Vec<f32> {
     match datatype {
         DataType::Fp32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         DataType::Fp16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        DataType::Fp64 => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32).collect(),
+        DataType::Fp64 => {
+            raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32).collect()
+        }
         _ => raw.iter().map(|&b| f32::from(b)).collect(),
     }
 }
@@ -71,7 +77,9 @@ pub fn batch_invariance(pool: &WorkerPool, precision: Precision) -> BTreeMap<Str
         return parameters;
     }
     let rows: Vec<ValidRequest> = (0..ROWS as u64).map(|seed| row(signature, seed + 1)).collect();
-    let run = |request: ValidRequest| pool.submit(request, None).ok().and_then(|receiver| receiver.blocking_recv().ok()).and_then(Result::ok);
+    let run = |request: ValidRequest| {
+        pool.submit(request, None).ok().and_then(|receiver| receiver.blocking_recv().ok()).and_then(Result::ok)
+    };
     // One at a time, so the batcher cannot merge the single-row runs.
     let singles: Option<Vec<_>> = rows.iter().cloned().map(run).collect();
     let references: Vec<&ValidRequest> = rows.iter().collect();

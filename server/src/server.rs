@@ -10,8 +10,8 @@ use mantissa_proto::inference::grpc_inference_service_server::GrpcInferenceServi
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
-use crate::ort_runtime::{OrtSetupError, init_environment, locate_library};
 use crate::artifact_cache::ArtifactCache;
+use crate::ort_runtime::{OrtSetupError, init_environment, locate_library};
 use crate::registry::{BuildSettings, Registry, ServingDefaults};
 use crate::service::InferenceService;
 
@@ -63,7 +63,10 @@ pub async fn run(
 
     let registry = Arc::new(Registry::new(entries));
     let cache = match &config.cache_dir {
-        Some(directory) => Some(ArtifactCache::new(directory.clone()).map_err(|source| ServerError::Cache { path: directory.clone(), source })?),
+        Some(directory) => Some(
+            ArtifactCache::new(directory.clone())
+                .map_err(|source| ServerError::Cache { path: directory.clone(), source })?,
+        ),
         None => None,
     };
     let build = BuildSettings { concurrency: config.build_concurrency, cache };

@@ -36,7 +36,11 @@ impl InferenceService {
         Self { registry, max_message_bytes }
     }
 
-    fn ready_variant(&self, model: &str, version: &str) -> Result<(&ServedModel, &Variant, Arc<WorkerPool>), ServeError> {
+    fn ready_variant(
+        &self,
+        model: &str,
+        version: &str,
+    ) -> Result<(&ServedModel, &Variant, Arc<WorkerPool>), ServeError> {
         let served = self.registry.model(model)?;
         let variant = served.variant(version)?;
         Ok((served, variant, ready_pool(served, variant)?))
@@ -234,7 +238,8 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
-        let client_timeout = request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let client_timeout =
+            request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
         let mut request = request.into_inner();
         let result = self.infer(&mut request, started, client_timeout).await;
         let (variant, outcome) = match &result {

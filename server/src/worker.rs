@@ -123,7 +123,11 @@ impl WorkerPool {
     }
 
     /// Enqueues a request without waiting; a full queue is reported at once.
-    pub fn submit(&self, request: ValidRequest, deadline: Option<Instant>) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
+    pub fn submit(
+        &self,
+        request: ValidRequest,
+        deadline: Option<Instant>,
+    ) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
         let (reply, receiver) = oneshot::channel();
         match self.queue.try_send(Job { request, reply, deadline, enqueued: Instant::now() }) {
             Ok(()) => Ok(receiver),
@@ -218,10 +222,11 @@ fn worker_main(
 /// The job, unless its caller went away (cancelled) or its deadline passed while it waited:
 /// such jobs are answered (if anyone listens), counted, and never run.
 fn still_wanted(job: Job, config: &WorkerPoolConfig) -> Option<Job> {
-    let reason = if job.reply.is_closed() {
-        "cancelled"
-    } else if job.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+    // The deadline is checked first: a caller whose deadline passed has usually gone too.
+    let reason = if job.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
         "deadline"
+    } else if job.reply.is_closed() {
+        "cancelled"
     } else {
         return Some(job);
     };
