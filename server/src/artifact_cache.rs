@@ -136,8 +136,8 @@ mod tests {
         let cache = ArtifactCache::new(dir.path().to_owned()).unwrap();
         let model = dir.path().join("model.onnx");
         std::fs::write(&model, b"model bytes").unwrap();
-        let key = ArtifactCache::key(&[model.clone()], "fp16 {}").unwrap();
-        assert_ne!(key, ArtifactCache::key(&[model.clone()], "fp16 {keep_io_types: false}").unwrap());
+        let key = ArtifactCache::key(std::slice::from_ref(&model), "fp16 {}").unwrap();
+        assert_ne!(key, ArtifactCache::key(std::slice::from_ref(&model), "fp16 {keep_io_types: false}").unwrap());
         let parameters = BTreeMap::from([("precision".to_owned(), "fp16".to_owned())]);
         cache.store("m", "fp16", &key, b"artifact", &parameters).unwrap();
         assert_eq!(cache.load("m", "fp16", &key), Some((b"artifact".to_vec(), parameters)));

@@ -163,30 +163,6 @@ fn unimplemented(what: &str) -> Status {
     Status::unimplemented(format!("{what} is not supported by this server"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse() {
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("5x"), None);
-        assert_eq!(parse_grpc_timeout(""), None);
-    }
-
-    #[test]
-    fn the_sooner_deadline_wins() {
-        let now = Instant::now();
-        let both = effective_deadline(now, Some(Duration::from_secs(1)), Some(Duration::from_millis(100)));
-        assert_eq!(both, Some(now + Duration::from_millis(100)));
-        let client = effective_deadline(now, Some(Duration::from_millis(100)), None).unwrap();
-        assert_eq!(client, now + Duration::from_millis(98));
-        assert_eq!(effective_deadline(now, None, None), None);
-    }
-}
-
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceService {
     async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
@@ -417,5 +393,29 @@ impl GrpcInferenceService for InferenceService {
 
     async fn log_settings(&self, _: Request<LogSettingsRequest>) -> Result<Response<LogSettingsResponse>, Status> {
         Err(unimplemented("LogSettings"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+
+    #[test]
+    fn the_sooner_deadline_wins() {
+        let now = Instant::now();
+        let both = effective_deadline(now, Some(Duration::from_secs(1)), Some(Duration::from_millis(100)));
+        assert_eq!(both, Some(now + Duration::from_millis(100)));
+        let client = effective_deadline(now, Some(Duration::from_millis(100)), None).unwrap();
+        assert_eq!(client, now + Duration::from_millis(98));
+        assert_eq!(effective_deadline(now, None, None), None);
     }
 }
