@@ -56,7 +56,7 @@ def test_server_live_and_ready(client):
         assert client.is_model_ready(model, "fp32", client_timeout=TIMEOUT_S)
     # As with Triton, an unknown model or version is answered OK with ready=false.
     assert not client.is_model_ready("no_such_model", client_timeout=TIMEOUT_S)
-    assert not client.is_model_ready("digits_cnn", "int8", client_timeout=TIMEOUT_S)
+    assert not client.is_model_ready("digits_cnn", "int4", client_timeout=TIMEOUT_S)
 
 
 def test_server_metadata(client):
@@ -114,7 +114,7 @@ def test_model_metadata_unknown_model_and_version(client):
         client.get_model_metadata("no_such_model", client_timeout=TIMEOUT_S)
     assert_status(e.value, "NOT_FOUND")
     with pytest.raises(InferenceServerException) as e:
-        client.get_model_metadata("digits_cnn", "int8", client_timeout=TIMEOUT_S)
+        client.get_model_metadata("digits_cnn", "int4", client_timeout=TIMEOUT_S)
     assert_status(e.value, "NOT_FOUND")
     with pytest.raises(InferenceServerException) as e:
         client.get_model_config("no_such_model", client_timeout=TIMEOUT_S)
@@ -207,7 +207,7 @@ def test_unknown_version_and_model_are_not_found(client):
     x, _, _ = load_test_data("digits_cnn")
     inp = digits_input("digits_cnn", x[:2])
     with pytest.raises(InferenceServerException) as e:
-        client.infer("digits_cnn", [inp], model_version="int8", client_timeout=TIMEOUT_S)
+        client.infer("digits_cnn", [inp], model_version="int4", client_timeout=TIMEOUT_S)
     assert_status(e.value, "NOT_FOUND")
     with pytest.raises(InferenceServerException) as e:
         client.infer("no_such_model", [inp], client_timeout=TIMEOUT_S)
