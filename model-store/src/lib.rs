@@ -9,5 +9,7 @@ mod policy;
 mod repository;
 mod yaml_location;
 
-pub use policy::{Policy, PolicyError, Precision, ServingSettings, Split, VariantSpec};
+pub use policy::{
+    BudgetMiss, DriftBudget, DriftSettings, Policy, PolicyError, Precision, ServingSettings, Split, VariantSpec,
+};
 pub use repository::{ModelEntry, RepositoryError, scan_repository};

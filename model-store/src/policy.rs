@@ -133,6 +133,54 @@ pub struct Policy {
     pub default_variant: String,
     /// Weighted A/B split of requests with an empty `model_version`.
     pub split: Option<Split>,
+    /// Startup drift measurement against a reference variant.
+    pub drift: Option<DriftSettings>,
+}
+
+/// The `drift:` section: compare every variant with the reference on holdout data at startup.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriftSettings {
+    /// Directory of holdout samples (`.npz`, keys = input names), resolved against the model's
+    /// directory.
+    pub holdout_data: PathBuf,
+    /// The variant others are compared with (usually the fp32 one).
+    pub reference: String,
+    /// Outputs holding class scores, for top-1 agreement.
+    pub class_outputs: Vec<String>,
+    pub budget: DriftBudget,
+    /// What happens to a variant that misses the budget.
+    pub on_budget_miss: BudgetMiss,
+}
+
+/// Minimum agreement a variant must reach with the reference.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftBudget {
+    pub min_cosine: Option<f64>,
+    pub min_top1_agreement: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetMiss {
+    /// The variant is not served; the reference keeps serving.
+    #[default]
+    NotReady,
+    /// The variant serves, flagged in its metadata and metrics.
+    ServeFlagged,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDrift {
+    holdout_data: PathBuf,
+    reference: Option<String>,
+    #[serde(default)]
+    class_outputs: Vec<String>,
+    #[serde(default)]
+    budget: DriftBudget,
+    #[serde(default)]
+    on_budget_miss: BudgetMiss,
 }
 
 /// Weighted assignment of unversioned requests to variants.
@@ -188,6 +236,7 @@ impl Policy {
             }],
             default_variant: "fp32".to_owned(),
             split: None,
+            drift: None,
         }
     }
 
@@ -220,6 +269,7 @@ struct RawPolicy {
     variants: BTreeMap<String, RawVariant>,
     #[serde(default)]
     routing: RawRouting,
+    drift: Option<RawDrift>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -416,7 +466,39 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
             })
         }
     };
-    Ok(Policy { source: Some(path.to_owned()), variants, default_variant, split })
+    let drift = match raw.drift {
+        None => None,
+        Some(drift) => {
+            let holdout = path.parent().unwrap_or(Path::new(".")).join(&drift.holdout_data);
+            if !holdout.is_dir() {
+                return Err(error(
+                    &["drift", "holdout_data"],
+                    format!("directory {} does not exist", holdout.display()),
+                ));
+            }
+            let reference = drift.reference.clone().unwrap_or_else(|| default_variant.clone());
+            if !raw.variants.contains_key(&reference) {
+                return Err(error(&["drift", "reference"], format!("names unknown variant `{reference}`")));
+            }
+            for (key, value) in
+                [("min_cosine", drift.budget.min_cosine), ("min_top1_agreement", drift.budget.min_top1_agreement)]
+            {
+                if let Some(value) = value
+                    && !(0.0..=1.0).contains(&value)
+                {
+                    return Err(error(&["drift", "budget", key], format!("expected a value in [0, 1], got {value}")));
+                }
+            }
+            Some(DriftSettings {
+                holdout_data: holdout,
+                reference,
+                class_outputs: drift.class_outputs,
+                budget: drift.budget,
+                on_budget_miss: drift.on_budget_miss,
+            })
+        }
+    };
+    Ok(Policy { source: Some(path.to_owned()), variants, default_variant, split, drift })
 }
 
 fn merge_serving(base: &ServingSettings, raw: &RawServing) -> Result<ServingSettings, (&'static str, String)> {
@@ -637,6 +719,30 @@ mod tests {
             parse("variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp16\nrouting:\n  split:\n    a: 5\n")
                 .unwrap_err();
         assert_eq!(err.key, "routing.split");
+    }
+
+    #[test]
+    fn drift_section_is_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("holdout")).unwrap();
+        let path = dir.path().join("policy.yaml");
+        let base = "variants:\n  fp32:\n    precision: fp32\n  half:\n    precision: fp16\nrouting:\n  default: fp32\n";
+        let policy = Policy::parse(
+            &format!(
+                "{base}drift:\n  holdout_data: holdout\n  class_outputs: [logits]\n  budget:\n    min_cosine: 0.99\n"
+            ),
+            &path,
+        )
+        .unwrap();
+        let drift = policy.drift.unwrap();
+        assert_eq!((drift.reference.as_str(), drift.budget.min_cosine), ("fp32", Some(0.99)));
+        assert_eq!(drift.on_budget_miss, BudgetMiss::NotReady);
+        let err =
+            Policy::parse(&format!("{base}drift:\n  holdout_data: holdout\n  budget:\n    min_cosine: 2\n"), &path)
+                .unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(11), "drift.budget.min_cosine"));
+        let err = Policy::parse(&format!("{base}drift:\n  holdout_data: nope\n"), &path).unwrap_err();
+        assert_eq!(err.key, "drift.holdout_data");
     }
 
     #[test]

@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// Variants built at the same time at startup.
     #[arg(long, env = "MANTISSA_BUILD_CONCURRENCY", default_value_t = 2)]
     pub build_concurrency: usize,
+    /// Close client connections after this long (e.g. 5m), so HTTP/2 clients reconnect and
+    /// spread over new replicas; in-flight calls get a grace period of the same length.
+    #[arg(long, env = "MANTISSA_MAX_CONNECTION_AGE", value_parser = parse_duration)]
+    pub max_connection_age: Option<Duration>,
 }
 
 impl ServeArgs {
@@ -92,6 +96,7 @@ impl ServeArgs {
             },
             cache_dir: self.cache_dir.clone(),
             build_concurrency: self.build_concurrency.max(1),
+            max_connection_age: self.max_connection_age,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod calibrate;
 pub mod cli;
 pub mod contents;
 pub mod datatype;
+pub mod drift;
 pub mod error;
 pub mod executor;
 pub mod metrics;

@@ -8,7 +8,19 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const REQUESTS_TOTAL: &str = "mantissa_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "mantissa_request_duration_seconds";
 pub const BATCH_SIZE: &str = "mantissa_batch_size";
+pub const QUEUE_DURATION_SECONDS: &str = "mantissa_queue_duration_seconds";
+pub const COMPUTE_DURATION_SECONDS: &str = "mantissa_compute_duration_seconds";
+pub const QUEUE_DEPTH: &str = "mantissa_queue_depth";
+pub const IN_FLIGHT: &str = "mantissa_requests_in_flight";
 pub const REQUESTS_DROPPED_TOTAL: &str = "mantissa_requests_dropped_total";
+pub const VARIANT_READY: &str = "mantissa_variant_ready";
+pub const BUILD_DURATION_SECONDS: &str = "mantissa_variant_build_duration_seconds";
+pub const ARTIFACT_BYTES: &str = "mantissa_variant_artifact_bytes";
+pub const DRIFT_COSINE: &str = "mantissa_startup_drift_cosine";
+pub const DRIFT_SQNR_DB: &str = "mantissa_startup_drift_sqnr_db";
+pub const DRIFT_MAX_ABS: &str = "mantissa_startup_drift_max_abs_error";
+pub const DRIFT_RMSE: &str = "mantissa_startup_drift_rmse";
+pub const DRIFT_TOP1: &str = "mantissa_startup_drift_top1_agreement";
 
 /// Requests merged into one run: 1, 2, 4, ... 256.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
@@ -28,6 +40,30 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|err| err.to_string())?;
     metrics::describe_counter!(REQUESTS_TOTAL, "Inference requests by model, variant and outcome");
     metrics::describe_histogram!(BATCH_SIZE, "Requests merged into one ONNX Runtime run");
+    metrics::describe_histogram!(
+        QUEUE_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time a request waited in its variant's queue before a worker took it"
+    );
+    metrics::describe_histogram!(
+        COMPUTE_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time of the ONNX Runtime run (with batching: of the whole batch) that served a request"
+    );
+    metrics::describe_gauge!(QUEUE_DEPTH, "Requests waiting in the variant's queue");
+    metrics::describe_gauge!(IN_FLIGHT, "Requests received and not yet answered");
+    metrics::describe_gauge!(VARIANT_READY, "1 when the variant serves, 0 when it failed to load or missed its budget");
+    metrics::describe_gauge!(
+        BUILD_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to build (or load from cache) the variant at startup"
+    );
+    metrics::describe_gauge!(ARTIFACT_BYTES, metrics::Unit::Bytes, "Size of the model the variant's sessions load");
+    metrics::describe_gauge!(DRIFT_COSINE, "Startup drift against the reference on holdout data: cosine similarity");
+    metrics::describe_gauge!(DRIFT_SQNR_DB, "Startup drift: signal-to-quantization-noise ratio in dB");
+    metrics::describe_gauge!(DRIFT_MAX_ABS, "Startup drift: largest absolute difference");
+    metrics::describe_gauge!(DRIFT_RMSE, "Startup drift: root mean square error");
+    metrics::describe_gauge!(DRIFT_TOP1, "Startup drift: share of rows whose arg-max class matches the reference");
     metrics::describe_counter!(
         REQUESTS_DROPPED_TOTAL,
         "Queued requests dropped before execution, by reason (cancelled, deadline)"
@@ -65,4 +101,57 @@ pub async fn serve(
 pub fn record_dropped(model: &str, variant: &str, reason: &'static str) {
     let labels = [("model", model.to_owned()), ("variant", variant.to_owned()), ("reason", reason.to_owned())];
     metrics::counter!(REQUESTS_DROPPED_TOTAL, &labels).increment(1);
+}
+
+fn variant_labels(model: &str, variant: &str) -> [(&'static str, String); 2] {
+    [("model", model.to_owned()), ("variant", variant.to_owned())]
+}
+
+pub fn set_variant_ready(model: &str, variant: &str, ready: bool) {
+    metrics::gauge!(VARIANT_READY, &variant_labels(model, variant)).set(if ready { 1.0 } else { 0.0 });
+}
+
+pub fn set_build_figures(model: &str, variant: &str, elapsed: Duration, artifact_bytes: u64) {
+    let labels = variant_labels(model, variant);
+    metrics::gauge!(BUILD_DURATION_SECONDS, &labels).set(elapsed.as_secs_f64());
+    metrics::gauge!(ARTIFACT_BYTES, &labels).set(artifact_bytes as f64);
+}
+
+pub fn set_startup_drift(model: &str, variant: &str, output: &str, figures: &crate::drift::DriftFigures) {
+    let labels = [("model", model.to_owned()), ("variant", variant.to_owned()), ("output", output.to_owned())];
+    metrics::gauge!(DRIFT_COSINE, &labels).set(figures.cosine);
+    metrics::gauge!(DRIFT_SQNR_DB, &labels).set(figures.sqnr_db.min(1e9));
+    metrics::gauge!(DRIFT_MAX_ABS, &labels).set(figures.max_abs);
+    metrics::gauge!(DRIFT_RMSE, &labels).set(figures.rmse);
+    if let Some(agreement) = figures.top1_agreement {
+        metrics::gauge!(DRIFT_TOP1, &labels).set(agreement);
+    }
+}
+
+/// Records, for each request of a run, how long it queued and how long the run took.
+pub fn record_run(model: &str, variant: &str, queued: &[Duration], compute: Duration, queue_depth: usize) {
+    let labels = variant_labels(model, variant);
+    let queue = metrics::histogram!(QUEUE_DURATION_SECONDS, &labels);
+    let run = metrics::histogram!(COMPUTE_DURATION_SECONDS, &labels);
+    for waited in queued {
+        queue.record(waited.as_secs_f64());
+        run.record(compute.as_secs_f64());
+    }
+    metrics::histogram!(BATCH_SIZE, &labels).record(queued.len() as f64);
+    metrics::gauge!(QUEUE_DEPTH, &labels).set(queue_depth as f64);
+}
+
+/// Counts a request as in flight until the returned guard is dropped.
+pub fn in_flight(model: &str) -> InFlight {
+    let gauge = metrics::gauge!(IN_FLIGHT, "model" => model.to_owned());
+    gauge.increment(1.0);
+    InFlight(gauge)
+}
+
+pub struct InFlight(metrics::Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }

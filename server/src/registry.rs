@@ -1,11 +1,11 @@
 //! The models this server serves and the state of each variant: loading, ready (with its
 //! workers), failed (with the reason), or stopped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use mantissa_model_store::{ModelEntry, VariantSpec};
+use mantissa_model_store::{BudgetMiss, ModelEntry, VariantSpec};
 use ort::environment::Environment;
 
 use crate::artifact_cache::ArtifactCache;
@@ -14,6 +14,7 @@ use crate::executor::SessionConfig;
 use crate::self_test::batch_invariance;
 use crate::variant_build::build_variant_cached;
 use crate::worker::{WorkerPool, WorkerPoolConfig};
+use crate::{drift, metrics};
 
 /// Serving limits that come from the server's configuration rather than a model's policy.
 #[derive(Debug, Clone, Copy)]
@@ -85,13 +86,17 @@ pub struct BuildSettings {
     pub cache: Option<ArtifactCache>,
 }
 
+/// A variant whose workers run, with the parameters its metadata will show.
+type LoadedVariant = (Arc<WorkerPool>, BTreeMap<String, String>);
+
+/// Builds a variant and starts its workers; on failure records why and returns `None`.
 fn load_variant(
     environment: &Arc<Environment>,
     model: &ServedModel,
     variant: &Variant,
     defaults: ServingDefaults,
     cache: Option<&ArtifactCache>,
-) {
+) -> Option<LoadedVariant> {
     let label = format!("{}:{}", model.name(), variant.spec.name);
     let started = std::time::Instant::now();
     tracing::info!(model = model.name(), variant = %variant.spec.name, precision = variant.spec.precision.as_str(), "building variant");
@@ -100,9 +105,12 @@ fn load_variant(
         Err(reason) => {
             tracing::error!(model = model.name(), variant = %variant.spec.name, %reason, "variant failed to build");
             variant.set(VariantState::Failed(reason));
-            return;
+            return None;
         }
     };
+    if let Ok(bytes) = built.parameters.get("artifact_bytes").map_or(Ok(0), |b| b.parse::<u64>()) {
+        metrics::set_build_figures(model.name(), &variant.spec.name, started.elapsed(), bytes);
+    }
     let serving = &variant.spec.serving;
     let config = WorkerPoolConfig {
         label,
@@ -130,13 +138,77 @@ fn load_variant(
                 instances = serving.instances,
                 max_batch_size = pool.signature().max_batch_size,
                 elapsed_ms = started.elapsed().as_millis() as u64,
-                "variant ready"
+                "variant built and warmed up"
             );
-            variant.set(VariantState::Ready(Arc::new(pool), Arc::new(parameters)));
+            Some((Arc::new(pool), parameters))
         }
         Err(reason) => {
             tracing::error!(model = model.name(), variant = %variant.spec.name, %reason, "variant failed to load");
             variant.set(VariantState::Failed(reason));
+            None
+        }
+    }
+}
+
+/// Compares each loaded variant of `model` with the drift reference on holdout data, records
+/// the figures (parameters, gauges, log), and removes variants that miss the budget when the
+/// policy says so.
+fn check_drift(model: &ServedModel, loaded: &mut HashMap<(String, String), LoadedVariant>) {
+    let Some(settings) = &model.entry.policy.drift else { return };
+    let key = |variant: &str| (model.name().to_owned(), variant.to_owned());
+    let Some(reference) = loaded.get(&key(&settings.reference)).map(|(pool, _)| Arc::clone(pool)) else {
+        tracing::warn!(model = model.name(), reference = %settings.reference, "drift reference did not load; drift not measured");
+        return;
+    };
+    for variant in model.variants.iter().filter(|v| v.spec.name != settings.reference) {
+        let Some((pool, parameters)) = loaded.get_mut(&key(&variant.spec.name)) else { continue };
+        let figures = match drift::measure(&reference, pool, settings) {
+            Ok(figures) => figures,
+            Err(reason) => {
+                tracing::warn!(model = model.name(), variant = %variant.spec.name, %reason, "drift not measured");
+                continue;
+            }
+        };
+        for (output, figure) in &figures {
+            tracing::info!(
+                model = model.name(),
+                variant = %variant.spec.name,
+                output = %output,
+                cosine = figure.cosine,
+                sqnr_db = figure.sqnr_db,
+                max_abs = figure.max_abs,
+                rmse = figure.rmse,
+                top1_agreement = ?figure.top1_agreement,
+                "startup drift against {}", settings.reference
+            );
+            metrics::set_startup_drift(model.name(), &variant.spec.name, output, figure);
+            parameters.insert(format!("drift_{output}_cosine"), format!("{}", figure.cosine));
+            parameters.insert(format!("drift_{output}_sqnr_db"), format!("{}", figure.sqnr_db));
+            parameters.insert(format!("drift_{output}_max_abs"), format!("{}", figure.max_abs));
+            parameters.insert(format!("drift_{output}_rmse"), format!("{}", figure.rmse));
+            if let Some(agreement) = figure.top1_agreement {
+                parameters.insert(format!("drift_{output}_top1_agreement"), format!("{agreement}"));
+            }
+        }
+        parameters.insert("drift_reference".to_owned(), settings.reference.clone());
+        if let Some(miss) = drift::budget_miss(&figures, settings) {
+            match settings.on_budget_miss {
+                BudgetMiss::NotReady => {
+                    tracing::error!(model = model.name(), variant = %variant.spec.name, %miss, "variant misses its drift budget; not serving it");
+                    if let Some((pool, _)) = loaded.remove(&key(&variant.spec.name))
+                        && let Some(pool) = Arc::into_inner(pool)
+                    {
+                        pool.shutdown();
+                    }
+                    variant.set(VariantState::Failed(format!("drift budget missed: {miss}")));
+                }
+                BudgetMiss::ServeFlagged => {
+                    tracing::warn!(model = model.name(), variant = %variant.spec.name, %miss, "variant misses its drift budget; serving it flagged");
+                    parameters.insert("drift_budget".to_owned(), format!("missed: {miss}"));
+                }
+            }
+        } else if settings.budget.min_cosine.is_some() || settings.budget.min_top1_agreement.is_some() {
+            parameters.insert("drift_budget".to_owned(), "met".to_owned());
         }
     }
 }
@@ -241,18 +313,41 @@ impl Registry {
         let jobs: Vec<(&ServedModel, &Variant)> =
             self.models.values().flat_map(|model| model.variants.iter().map(move |variant| (model, variant))).collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
+        let built: Vec<std::sync::Mutex<Option<LoadedVariant>>> =
+            jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
         let workers = build.concurrency.clamp(1, jobs.len().max(1));
         // Variants build concurrently, at most `concurrency` at a time: calibration and passes
         // are CPU-bound, so more would only slow each other down.
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
-                    while let Some((model, variant)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        load_variant(environment, model, variant, defaults, build.cache.as_ref());
+                    loop {
+                        let position = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((model, variant)) = jobs.get(position) else { break };
+                        let loaded = load_variant(environment, model, variant, defaults, build.cache.as_ref());
+                        *built[position].lock().unwrap_or_else(|p| p.into_inner()) = loaded;
                     }
                 });
             }
         });
+        let mut loaded: HashMap<(String, String), LoadedVariant> = HashMap::new();
+        for ((model, variant), slot) in jobs.iter().zip(built) {
+            if let Some(result) = slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                loaded.insert((model.name().to_owned(), variant.spec.name.clone()), result);
+            }
+        }
+        // Drift against the reference on holdout data, then readiness.
+        for model in self.models.values() {
+            check_drift(model, &mut loaded);
+            for variant in &model.variants {
+                if let Some((pool, parameters)) = loaded.remove(&(model.name().to_owned(), variant.spec.name.clone())) {
+                    metrics::set_variant_ready(model.name(), &variant.spec.name, true);
+                    variant.set(VariantState::Ready(pool, Arc::new(parameters)));
+                } else {
+                    metrics::set_variant_ready(model.name(), &variant.spec.name, false);
+                }
+            }
+        }
         self.loading_done.store(true, Ordering::Release);
     }
 

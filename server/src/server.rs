@@ -31,6 +31,8 @@ pub struct ServerConfig {
     pub cache_dir: Option<PathBuf>,
     /// Variants built at the same time at startup.
     pub build_concurrency: usize,
+    /// Connections older than this are closed gracefully so clients rebalance.
+    pub max_connection_age: Option<std::time::Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +136,11 @@ pub async fn run(
             drain_health.set_service_status(name, ServingStatus::NotServing).await;
         }
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(age) = config.max_connection_age {
+        builder = builder.max_connection_age(age).max_connection_age_grace(age);
+    }
+    builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

