@@ -166,7 +166,7 @@ mod tests {
         let dot = 1.0 + 0.4;
         let cosine = dot / (2f64.sqrt() * (1.0f64 + 0.36 + 0.16).sqrt());
         assert!((figures.cosine - cosine).abs() < 1e-6);
-        let error = 0.36 + 0.36;
+        let error: f64 = 0.36 + 0.36;
         assert!((figures.sqnr_db - 10.0 * (2.0 / error).log10()).abs() < 1e-6);
         assert!((figures.max_abs - 0.6).abs() < 1e-6);
         assert!((figures.rmse - (error / 4.0).sqrt()).abs() < 1e-6);
