@@ -140,8 +140,8 @@ pub struct Policy {
 /// The `drift:` section: compare every variant with the reference on holdout data at startup.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DriftSettings {
-    /// Directory of holdout samples (`.npz`, keys = input names), resolved against the model's
-    /// directory.
+    /// Holdout samples: a directory of `.npz` files (keys = input names) or one such file,
+    /// resolved against the model's directory.
     pub holdout_data: PathBuf,
     /// The variant others are compared with (usually the fp32 one).
     pub reference: String,
@@ -470,11 +470,8 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
         None => None,
         Some(drift) => {
             let holdout = path.parent().unwrap_or(Path::new(".")).join(&drift.holdout_data);
-            if !holdout.is_dir() {
-                return Err(error(
-                    &["drift", "holdout_data"],
-                    format!("directory {} does not exist", holdout.display()),
-                ));
+            if !holdout.exists() {
+                return Err(error(&["drift", "holdout_data"], format!("{} does not exist", holdout.display())));
             }
             let reference = drift.reference.clone().unwrap_or_else(|| default_variant.clone());
             if !raw.variants.contains_key(&reference) {

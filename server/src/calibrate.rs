@@ -19,8 +19,12 @@ use crate::signature::ModelSignature;
 use crate::validation::{ValidInput, ValidRequest};
 use crate::variant_build::ModelSource;
 
-/// The `.npz`/`.npy` files of a calibration or holdout directory, sorted.
+/// The `.npz`/`.npy` files of a calibration or holdout directory, sorted (or the one file,
+/// when `directory` is a file).
 pub fn sample_files(directory: &Path) -> Result<Vec<PathBuf>, String> {
+    if directory.is_file() {
+        return Ok(vec![directory.to_owned()]);
+    }
     let entries =
         std::fs::read_dir(directory).map_err(|err| format!("calibration data {}: {err}", directory.display()))?;
     let mut files: Vec<PathBuf> = entries

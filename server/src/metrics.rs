@@ -12,6 +12,8 @@ pub const QUEUE_DURATION_SECONDS: &str = "mantissa_queue_duration_seconds";
 pub const COMPUTE_DURATION_SECONDS: &str = "mantissa_compute_duration_seconds";
 pub const QUEUE_DEPTH: &str = "mantissa_queue_depth";
 pub const IN_FLIGHT: &str = "mantissa_requests_in_flight";
+pub const QUEUE_MICROSECONDS_TOTAL: &str = "mantissa_queue_microseconds_total";
+pub const REQUESTS_SUCCEEDED_TOTAL: &str = "mantissa_requests_succeeded_total";
 pub const REQUESTS_DROPPED_TOTAL: &str = "mantissa_requests_dropped_total";
 pub const VARIANT_READY: &str = "mantissa_variant_ready";
 pub const BUILD_DURATION_SECONDS: &str = "mantissa_variant_build_duration_seconds";
@@ -51,6 +53,12 @@ pub fn install() -> Result<PrometheusHandle, String> {
         "Time of the ONNX Runtime run (with batching: of the whole batch) that served a request"
     );
     metrics::describe_gauge!(QUEUE_DEPTH, "Requests waiting in the variant's queue");
+    metrics::describe_counter!(
+        QUEUE_MICROSECONDS_TOTAL,
+        metrics::Unit::Microseconds,
+        "Cumulative queue time of executed requests, in microseconds (counters are integers); with mantissa_requests_succeeded_total it gives the average queue time per request"
+    );
+    metrics::describe_counter!(REQUESTS_SUCCEEDED_TOTAL, "Requests answered with outputs");
     metrics::describe_gauge!(IN_FLIGHT, "Requests received and not yet answered");
     metrics::describe_gauge!(VARIANT_READY, "1 when the variant serves, 0 when it failed to load or missed its budget");
     metrics::describe_gauge!(
@@ -80,6 +88,9 @@ pub fn record_request(model: &str, variant: &str, outcome: &'static str, elapsed
     let labels = [("model", model.to_owned()), ("variant", variant.to_owned()), ("outcome", outcome.to_owned())];
     metrics::counter!(REQUESTS_TOTAL, &labels).increment(1);
     metrics::histogram!(REQUEST_DURATION_SECONDS, &labels).record(elapsed.as_secs_f64());
+    if outcome == "ok" {
+        metrics::counter!(REQUESTS_SUCCEEDED_TOTAL, &variant_labels(model, variant)).increment(1);
+    }
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
@@ -133,10 +144,14 @@ pub fn record_run(model: &str, variant: &str, queued: &[Duration], compute: Dura
     let labels = variant_labels(model, variant);
     let queue = metrics::histogram!(QUEUE_DURATION_SECONDS, &labels);
     let run = metrics::histogram!(COMPUTE_DURATION_SECONDS, &labels);
+    let total_queue: f64 = queued.iter().map(Duration::as_secs_f64).sum();
     for waited in queued {
         queue.record(waited.as_secs_f64());
         run.record(compute.as_secs_f64());
     }
+    // Counters take integers, so the cumulative queue time is counted in microseconds (the
+    // queue histogram's _sum carries the same total in seconds).
+    metrics::counter!(QUEUE_MICROSECONDS_TOTAL, &labels).increment((total_queue * 1e6).round() as u64);
     metrics::histogram!(BATCH_SIZE, &labels).record(queued.len() as f64);
     metrics::gauge!(QUEUE_DEPTH, &labels).set(queue_depth as f64);
 }
