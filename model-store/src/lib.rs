@@ -10,6 +10,7 @@ mod repository;
 mod yaml_location;
 
 pub use policy::{
-    BudgetMiss, DriftBudget, DriftSettings, Policy, PolicyError, Precision, ServingSettings, Split, VariantSpec,
+    BudgetMiss, DriftBudget, DriftSettings, Policy, PolicyError, Precision, ServingSettings, ShadowSettings, Split,
+    VariantSpec,
 };
 pub use repository::{ModelEntry, RepositoryError, scan_repository};

@@ -135,6 +135,25 @@ pub struct Policy {
     pub split: Option<Split>,
     /// Startup drift measurement against a reference variant.
     pub drift: Option<DriftSettings>,
+    /// Live drift: re-run sampled requests on a reference variant off the hot path.
+    pub shadow: Option<ShadowSettings>,
+}
+
+/// The `shadow:` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowSettings {
+    /// The variant sampled requests are re-run on.
+    pub reference: String,
+    /// Share of requests served by other variants that are compared, in [0, 1].
+    pub sample_rate: f64,
+    /// Samples waiting for comparison; more are dropped (and counted), never delaying clients.
+    #[serde(default = "default_shadow_queue")]
+    pub queue_size: usize,
+}
+
+fn default_shadow_queue() -> usize {
+    64
 }
 
 /// The `drift:` section: compare every variant with the reference on holdout data at startup.
@@ -237,6 +256,7 @@ impl Policy {
             default_variant: "fp32".to_owned(),
             split: None,
             drift: None,
+            shadow: None,
         }
     }
 
@@ -270,6 +290,7 @@ struct RawPolicy {
     #[serde(default)]
     routing: RawRouting,
     drift: Option<RawDrift>,
+    shadow: Option<ShadowSettings>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -495,7 +516,21 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
             })
         }
     };
-    Ok(Policy { source: Some(path.to_owned()), variants, default_variant, split, drift })
+    if let Some(shadow) = &raw.shadow {
+        if !raw.variants.contains_key(&shadow.reference) {
+            return Err(error(&["shadow", "reference"], format!("names unknown variant `{}`", shadow.reference)));
+        }
+        if !(0.0..=1.0).contains(&shadow.sample_rate) {
+            return Err(error(
+                &["shadow", "sample_rate"],
+                format!("expected a value in [0, 1], got {}", shadow.sample_rate),
+            ));
+        }
+        if shadow.queue_size == 0 {
+            return Err(error(&["shadow", "queue_size"], "expected at least 1, got 0".to_owned()));
+        }
+    }
+    Ok(Policy { source: Some(path.to_owned()), variants, default_variant, split, drift, shadow: raw.shadow })
 }
 
 fn merge_serving(base: &ServingSettings, raw: &RawServing) -> Result<ServingSettings, (&'static str, String)> {
@@ -740,6 +775,17 @@ mod tests {
         assert_eq!((err.line, err.key.as_str()), (Some(11), "drift.budget.min_cosine"));
         let err = Policy::parse(&format!("{base}drift:\n  holdout_data: nope\n"), &path).unwrap_err();
         assert_eq!(err.key, "drift.holdout_data");
+    }
+
+    #[test]
+    fn shadow_section_is_validated() {
+        let base = "variants:\n  fp32:\n    precision: fp32\n  half:\n    precision: fp16\nrouting:\n  default: fp32\n";
+        let policy = parse(&format!("{base}shadow:\n  reference: fp32\n  sample_rate: 0.25\n")).unwrap();
+        assert_eq!(policy.shadow.unwrap().queue_size, 64);
+        let err = parse(&format!("{base}shadow:\n  reference: fp32\n  sample_rate: 1.5\n")).unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(10), "shadow.sample_rate"));
+        let err = parse(&format!("{base}shadow:\n  reference: int8\n  sample_rate: 1\n")).unwrap_err();
+        assert_eq!(err.key, "shadow.reference");
     }
 
     #[test]

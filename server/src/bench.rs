@@ -74,9 +74,23 @@ fn fail(message: impl Into<String>) -> BenchError {
     BenchError(message.into())
 }
 
+/// Server-side averages per request over one level, from the ModelStatistics RPC.
+#[derive(Debug, Serialize, Default)]
+pub struct ServerBreakdown {
+    pub requests: u64,
+    pub queue_us: f64,
+    pub compute_input_us: f64,
+    pub compute_infer_us: f64,
+    pub compute_output_us: f64,
+    /// Rows per ONNX Runtime run (dynamic batching merges requests).
+    pub rows_per_run: f64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct LevelReport {
     pub concurrency: usize,
+    /// Present when the server implements the ModelStatistics RPC.
+    pub server: Option<ServerBreakdown>,
     pub requests: u64,
     pub errors: BTreeMap<String, u64>,
     pub seconds: f64,
@@ -157,7 +171,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let mut levels = Vec::new();
     for &concurrency in &args.concurrency {
         let _ = run_level(&client, &args, &request_set, concurrency, Some(args.warmup)).await;
-        let level = run_level(&client, &args, &request_set, concurrency, None).await;
+        let before = server_totals(&mut client, &args).await;
+        let mut level = run_level(&client, &args, &request_set, concurrency, None).await;
+        let after = server_totals(&mut client, &args).await;
+        level.server = before.zip(after).map(|(before, after)| breakdown(&before, &after));
         if !args.json {
             eprintln!(
                 "concurrency {concurrency}: {:.1} infer/s, p99 {:.2} ms",
@@ -187,6 +204,54 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         print_table(&report);
     }
     Ok(())
+}
+
+/// Summed statistics over every variant of the model the level exercised.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    success: u64,
+    queue_ns: u64,
+    input_ns: u64,
+    infer_ns: u64,
+    output_ns: u64,
+    rows: u64,
+    runs: u64,
+}
+
+async fn server_totals(client: &mut GrpcInferenceServiceClient<Channel>, args: &BenchArgs) -> Option<Totals> {
+    let request = mantissa_proto::inference::ModelStatisticsRequest {
+        name: args.model.clone(),
+        version: args.model_version.clone(),
+    };
+    let response = client.model_statistics(request).await.ok()?.into_inner();
+    let mut totals = Totals::default();
+    for stats in response.model_stats {
+        let inference = stats.inference_stats.unwrap_or_default();
+        let ns = |d: Option<mantissa_proto::inference::StatisticDuration>| d.map_or(0, |d| d.ns);
+        totals.success += inference.success.map_or(0, |d| d.count);
+        totals.queue_ns += ns(inference.queue);
+        totals.input_ns += ns(inference.compute_input);
+        totals.infer_ns += ns(inference.compute_infer);
+        totals.output_ns += ns(inference.compute_output);
+        totals.rows += stats.inference_count;
+        totals.runs += stats.execution_count;
+    }
+    Some(totals)
+}
+
+fn breakdown(before: &Totals, after: &Totals) -> ServerBreakdown {
+    let requests = after.success.saturating_sub(before.success);
+    let per_request =
+        |a: u64, b: u64| if requests > 0 { a.saturating_sub(b) as f64 / requests as f64 / 1000.0 } else { 0.0 };
+    let runs = after.runs.saturating_sub(before.runs);
+    ServerBreakdown {
+        requests,
+        queue_us: per_request(after.queue_ns, before.queue_ns),
+        compute_input_us: per_request(after.input_ns, before.input_ns),
+        compute_infer_us: per_request(after.infer_ns, before.infer_ns),
+        compute_output_us: per_request(after.output_ns, before.output_ns),
+        rows_per_run: if runs > 0 { after.rows.saturating_sub(before.rows) as f64 / runs as f64 } else { 0.0 },
+    }
 }
 
 fn random_request(specs: &[(String, DataType, Vec<i64>)]) -> Vec<PreparedInput> {
@@ -359,6 +424,7 @@ async fn run_level(
     let ms = |micros: f64| micros / 1000.0;
     LevelReport {
         concurrency,
+        server: None,
         requests: done,
         errors,
         seconds,
@@ -502,6 +568,17 @@ fn print_table(report: &BenchReport) {
         );
         for (code, count) in &level.errors {
             println!("{:>11} {count} x {code}", "");
+        }
+        if let Some(server) = &level.server {
+            println!(
+                "{:>11} server per request: queue {:.1} us, input {:.1} us, infer {:.1} us, output {:.1} us; {:.2} rows per run",
+                "",
+                server.queue_us,
+                server.compute_input_us,
+                server.compute_infer_us,
+                server.compute_output_us,
+                server.rows_per_run
+            );
         }
     }
     if let Some(in_process) = &report.in_process {

@@ -1,6 +1,8 @@
 //! Running one validated request on an ONNX Runtime session: building input tensors from raw
 //! bytes, and copying outputs back into the raw little-endian wire layout.
 
+use std::time::Instant;
+
 use ort::environment::Environment;
 use ort::memory::Allocator;
 use ort::session::builder::GraphOptimizationLevel;
@@ -11,6 +13,7 @@ use crate::contents::{TensorData, join_bytes_elements};
 use crate::datatype::DataType;
 use crate::error::ServeError;
 use crate::signature::{ModelSignature, TensorSpec};
+use crate::statistics::RunTimings;
 use crate::validation::{ValidInput, ValidRequest};
 use crate::variant_build::ModelSource;
 
@@ -133,13 +136,25 @@ pub fn execute(
     signature: &ModelSignature,
     request: &ValidRequest,
 ) -> Result<Vec<OutputTensor>, ServeError> {
+    execute_timed(session, signature, request).map(|(outputs, _)| outputs)
+}
+
+/// [`execute`], also timing input preparation, the run and output extraction.
+pub fn execute_timed(
+    session: &mut Session,
+    signature: &ModelSignature,
+    request: &ValidRequest,
+) -> Result<(Vec<OutputTensor>, RunTimings), ServeError> {
+    let started = Instant::now();
     let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(request.inputs.len());
     for (spec, input) in signature.inputs.iter().zip(&request.inputs) {
         let value = input_value(input).map_err(|err| ServeError::Execution(format!("input '{}': {err}", spec.name)))?;
         inputs.push((spec.name.as_str(), value.into()));
     }
+    let prepared = Instant::now();
     let outputs = session.run(inputs).map_err(|err| ServeError::Execution(err.to_string()))?;
-    request
+    let ran = Instant::now();
+    let tensors = request
         .outputs
         .iter()
         .map(|&index| {
@@ -149,7 +164,9 @@ pub fn execute(
                 .ok_or_else(|| ServeError::Execution(format!("output '{}' missing from the run", spec.name)))?;
             output_tensor(spec, value)
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let timings = RunTimings { input: prepared - started, infer: ran - prepared, output: ran.elapsed() };
+    Ok((tensors, timings))
 }
 
 /// A request of zeros (empty strings for BYTES) with batch 1 and every dynamic dimension 1,

@@ -12,6 +12,16 @@ pub const QUEUE_DURATION_SECONDS: &str = "mantissa_queue_duration_seconds";
 pub const COMPUTE_DURATION_SECONDS: &str = "mantissa_compute_duration_seconds";
 pub const QUEUE_DEPTH: &str = "mantissa_queue_depth";
 pub const IN_FLIGHT: &str = "mantissa_requests_in_flight";
+pub const SHADOW_COSINE: &str = "mantissa_shadow_drift_cosine";
+pub const SHADOW_SQNR_DB: &str = "mantissa_shadow_drift_sqnr_db";
+pub const SHADOW_MAX_ABS: &str = "mantissa_shadow_drift_max_abs_error";
+pub const SHADOW_SAMPLES_TOTAL: &str = "mantissa_shadow_samples_total";
+pub const SHADOW_DROPPED_TOTAL: &str = "mantissa_shadow_dropped_total";
+
+const COSINE_BUCKETS: &[f64] = &[0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99999, 1.0];
+const SQNR_BUCKETS: &[f64] = &[0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 100.0];
+const ERROR_BUCKETS: &[f64] = &[1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0];
+
 pub const QUEUE_MICROSECONDS_TOTAL: &str = "mantissa_queue_microseconds_total";
 pub const REQUESTS_SUCCEEDED_TOTAL: &str = "mantissa_requests_succeeded_total";
 pub const REQUESTS_DROPPED_TOTAL: &str = "mantissa_requests_dropped_total";
@@ -38,6 +48,12 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|err| err.to_string())?
         .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.to_owned()), BATCH_BUCKETS)
         .map_err(|err| err.to_string())?
+        .set_buckets_for_metric(Matcher::Full(SHADOW_COSINE.to_owned()), COSINE_BUCKETS)
+        .map_err(|err| err.to_string())?
+        .set_buckets_for_metric(Matcher::Full(SHADOW_SQNR_DB.to_owned()), SQNR_BUCKETS)
+        .map_err(|err| err.to_string())?
+        .set_buckets_for_metric(Matcher::Full(SHADOW_MAX_ABS.to_owned()), ERROR_BUCKETS)
+        .map_err(|err| err.to_string())?
         .install_recorder()
         .map_err(|err| err.to_string())?;
     metrics::describe_counter!(REQUESTS_TOTAL, "Inference requests by model, variant and outcome");
@@ -51,6 +67,17 @@ pub fn install() -> Result<PrometheusHandle, String> {
         COMPUTE_DURATION_SECONDS,
         metrics::Unit::Seconds,
         "Time of the ONNX Runtime run (with batching: of the whole batch) that served a request"
+    );
+    metrics::describe_histogram!(
+        SHADOW_COSINE,
+        "Live shadow drift: cosine similarity of a sampled request's outputs with the reference's"
+    );
+    metrics::describe_histogram!(SHADOW_SQNR_DB, "Live shadow drift: SQNR in dB against the reference");
+    metrics::describe_histogram!(SHADOW_MAX_ABS, "Live shadow drift: largest absolute difference from the reference");
+    metrics::describe_counter!(SHADOW_SAMPLES_TOTAL, "Sampled requests compared with the reference");
+    metrics::describe_counter!(
+        SHADOW_DROPPED_TOTAL,
+        "Samples dropped because the shadow queue or the reference was busy"
     );
     metrics::describe_gauge!(QUEUE_DEPTH, "Requests waiting in the variant's queue");
     metrics::describe_counter!(
@@ -169,4 +196,19 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.decrement(1.0);
     }
+}
+
+pub fn record_shadow_drift(model: &str, variant: &str, output: &str, figures: &crate::drift::DriftFigures) {
+    let labels = [("model", model.to_owned()), ("variant", variant.to_owned()), ("output", output.to_owned())];
+    metrics::histogram!(SHADOW_COSINE, &labels).record(figures.cosine);
+    metrics::histogram!(SHADOW_SQNR_DB, &labels).record(figures.sqnr_db.min(1e9));
+    metrics::histogram!(SHADOW_MAX_ABS, &labels).record(figures.max_abs);
+}
+
+pub fn record_shadow_sample(model: &str, variant: &str) {
+    metrics::counter!(SHADOW_SAMPLES_TOTAL, &variant_labels(model, variant)).increment(1);
+}
+
+pub fn record_shadow_dropped(model: &str, variant: &str) {
+    metrics::counter!(SHADOW_DROPPED_TOTAL, &variant_labels(model, variant)).increment(1);
 }

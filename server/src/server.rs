@@ -14,6 +14,7 @@ use crate::artifact_cache::ArtifactCache;
 use crate::ort_runtime::{OrtSetupError, init_environment, locate_library};
 use crate::registry::{BuildSettings, Registry, ServingDefaults};
 use crate::service::InferenceService;
+use crate::shadow::Shadows;
 
 /// Health service name of the inference service, as clients ask for it.
 pub const INFERENCE_SERVICE_NAME: &str = "inference.GRPCInferenceService";
@@ -122,10 +123,14 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|err| ServerError::Metrics(format!("reflection: {err}")))?;
-    let inference =
-        GrpcInferenceServiceServer::new(InferenceService::new(Arc::clone(&registry), config.max_message_bytes))
-            .max_decoding_message_size(config.max_message_bytes)
-            .max_encoding_message_size(config.max_message_bytes);
+    let (shadows, shadow_tasks) = Shadows::start(&registry);
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(
+        Arc::clone(&registry),
+        config.max_message_bytes,
+        shadows,
+    ))
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
 
     let drain_health = health.clone();
     let drain_names = model_names.clone();
@@ -153,6 +158,10 @@ pub async fn run(
         .await?;
 
     let _ = stop_tx.send(true);
+    // The service (and with it the shadow senders) is gone: comparisons still queued finish.
+    for task in shadow_tasks {
+        let _ = task.await;
+    }
     loader.await??;
     tokio::task::spawn_blocking(move || registry.shutdown()).await?;
     if let Some(task) = metrics_task

@@ -17,23 +17,25 @@ use tonic::{Request, Response, Status};
 use crate::error::ServeError;
 use crate::metrics;
 use crate::registry::{Registry, ServedModel, Variant};
+use crate::shadow::{ShadowSample, Shadows};
 use crate::signature::{ModelSignature, TensorSpec};
 use crate::validation::validate_request;
 use crate::worker::{SubmitError, WorkerPool};
 
 /// Protocol extensions this server implements, as listed by ServerMetadata.
-pub const EXTENSIONS: &[&str] = &["model_configuration"];
+pub const EXTENSIONS: &[&str] = &["model_configuration", "statistics"];
 
 /// The gRPC service: a cheap handle over the shared registry.
 #[derive(Debug, Clone)]
 pub struct InferenceService {
     registry: Arc<Registry>,
     max_message_bytes: usize,
+    shadows: Shadows,
 }
 
 impl InferenceService {
-    pub fn new(registry: Arc<Registry>, max_message_bytes: usize) -> Self {
-        Self { registry, max_message_bytes }
+    pub fn new(registry: Arc<Registry>, max_message_bytes: usize, shadows: Shadows) -> Self {
+        Self { registry, max_message_bytes, shadows }
     }
 
     fn ready_variant(
@@ -56,21 +58,9 @@ impl InferenceService {
         let parameters = &request.parameters;
         let variant = served.route(&request.model_version, |key| parameters.get(key).and_then(parameter_text))?;
         let pool = ready_pool(served, variant)?;
-        let valid = validate_request(request, pool.signature(), self.max_message_bytes)?;
-        let deadline = effective_deadline(received, client_timeout, variant.spec.serving.default_timeout);
-        let receiver = pool.submit(valid, deadline).map_err(|err| match err {
-            SubmitError::Full { capacity } => {
-                ServeError::QueueFull { model: served.name().to_owned(), version: variant.spec.name.clone(), capacity }
-            }
-            SubmitError::Closed => ServeError::ShuttingDown,
-        })?;
-        let reply = async { receiver.await.map_err(|_| ServeError::ShuttingDown) };
-        let outputs = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline.into(), reply)
-                .await
-                .map_err(|_| ServeError::DeadlineExceeded { waited: received.elapsed() })???,
-            None => reply.await??,
-        };
+        let result = self.run_on(served.name(), variant, &pool, request, received, client_timeout).await;
+        pool.statistics().record_request(result.is_ok(), received.elapsed());
+        let outputs = result?;
         let mut response = ModelInferResponse {
             model_name: served.name().to_owned(),
             model_version: variant.spec.name.clone(),
@@ -87,6 +77,41 @@ impl InferenceService {
             response.raw_output_contents.push(output.raw);
         }
         Ok((variant.spec.name.clone(), response))
+    }
+}
+
+impl InferenceService {
+    /// Validates, queues and awaits one request on `pool`, sampling it for shadow comparison.
+    async fn run_on(
+        &self,
+        model: &str,
+        variant: &Variant,
+        pool: &WorkerPool,
+        request: &mut ModelInferRequest,
+        received: Instant,
+        client_timeout: Option<Duration>,
+    ) -> Result<Vec<crate::executor::OutputTensor>, ServeError> {
+        let valid = validate_request(request, pool.signature(), self.max_message_bytes)?;
+        let shadow_copy = self.shadows.wants(model, &variant.spec.name).then(|| valid.clone());
+        let deadline = effective_deadline(received, client_timeout, variant.spec.serving.default_timeout);
+        let receiver = pool.submit(valid, deadline).map_err(|err| match err {
+            SubmitError::Full { capacity } => {
+                ServeError::QueueFull { model: model.to_owned(), version: variant.spec.name.clone(), capacity }
+            }
+            SubmitError::Closed => ServeError::ShuttingDown,
+        })?;
+        let reply = async { receiver.await.map_err(|_| ServeError::ShuttingDown) };
+        let outputs = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), reply)
+                .await
+                .map_err(|_| ServeError::DeadlineExceeded { waited: received.elapsed() })???,
+            None => reply.await??,
+        };
+        if let Some(request) = shadow_copy {
+            let sample = ShadowSample { variant: variant.spec.name.clone(), request, outputs: outputs.clone() };
+            self.shadows.offer(model, sample);
+        }
+        Ok(outputs)
     }
 }
 

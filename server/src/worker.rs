@@ -11,8 +11,11 @@ use ort::environment::Environment;
 use tokio::sync::oneshot;
 
 use crate::error::ServeError;
-use crate::executor::{OutputTensor, SessionConfig, execute, open_session, signature_of, warmup_request};
+use crate::executor::{
+    OutputTensor, SessionConfig, execute, execute_timed, open_session, signature_of, warmup_request,
+};
 use crate::signature::ModelSignature;
+use crate::statistics::{RunTimings, VariantStatistics};
 use crate::validation::ValidRequest;
 use crate::variant_build::ModelSource;
 
@@ -48,6 +51,7 @@ pub struct WorkerPoolConfig {
 /// A running set of workers for one variant.
 pub struct WorkerPool {
     label: String,
+    statistics: Arc<VariantStatistics>,
     signature: ModelSignature,
     queue: Sender<Job>,
     queue_capacity: usize,
@@ -66,16 +70,18 @@ impl WorkerPool {
     pub fn start(environment: Arc<Environment>, config: WorkerPoolConfig) -> Result<Self, String> {
         let (queue, jobs) = crossbeam_channel::bounded::<Job>(config.queue_capacity);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelSignature, String>>();
+        let statistics = Arc::new(VariantStatistics::default());
         let mut workers = Vec::with_capacity(config.instances as usize);
         for index in 0..config.instances {
             let environment = Arc::clone(&environment);
             let config = config.clone();
             let jobs = jobs.clone();
             let ready_tx = ready_tx.clone();
+            let statistics = Arc::clone(&statistics);
             let name = format!("ort-{}-{index}", config.label);
             let handle = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || worker_main(&environment, &config, index, &jobs, &ready_tx))
+                .spawn(move || worker_main(&environment, &config, index, &jobs, &ready_tx, &statistics))
                 .map_err(|err| format!("cannot spawn worker thread: {err}"))?;
             workers.push(handle);
         }
@@ -94,6 +100,7 @@ impl WorkerPool {
         let pool_signature = signature.clone();
         let pool = WorkerPool {
             label: config.label,
+            statistics,
             signature: pool_signature.unwrap_or(ModelSignature { inputs: vec![], outputs: vec![], max_batch_size: 0 }),
             queue,
             queue_capacity: config.queue_capacity,
@@ -112,6 +119,11 @@ impl WorkerPool {
         &self.signature
     }
 
+    /// Triton-style statistics of this variant.
+    pub fn statistics(&self) -> &VariantStatistics {
+        &self.statistics
+    }
+
     /// `model:variant`, for logs.
     pub fn label(&self) -> &str {
         &self.label
@@ -120,6 +132,10 @@ impl WorkerPool {
     /// Jobs waiting in the queue.
     pub fn queue_depth(&self) -> usize {
         self.queue.len()
+    }
+
+    pub fn queue_capacity(&self) -> usize {
+        self.queue_capacity
     }
 
     /// Enqueues a request without waiting; a full queue is reported at once.
@@ -159,6 +175,7 @@ fn worker_main(
     index: u32,
     jobs: &Receiver<Job>,
     ready: &std::sync::mpsc::Sender<Result<ModelSignature, String>>,
+    statistics: &VariantStatistics,
 ) {
     let started = Instant::now();
     let prepared = open_session(environment, &config.model, config.session).and_then(|mut session| {
@@ -217,8 +234,11 @@ fn worker_main(
         }
         let queued: Vec<std::time::Duration> = batch.iter().map(|job| job.enqueued.elapsed()).collect();
         let started = Instant::now();
-        run_batch(&mut session, &signature, batch);
+        let ran = run_batch(&mut session, &signature, batch);
         crate::metrics::record_run(&config.model_name, &config.variant_name, &queued, started.elapsed(), jobs.len());
+        if let Some((rows, timings)) = ran {
+            statistics.record_run(&queued, rows, timings);
+        }
     }
 }
 
@@ -241,33 +261,49 @@ fn still_wanted(job: Job, config: &WorkerPoolConfig) -> Option<Job> {
     None
 }
 
-fn run_batch(session: &mut ort::session::Session, signature: &ModelSignature, batch: Vec<Job>) {
-    let guarded = |work: &mut dyn FnMut() -> Result<Vec<Vec<OutputTensor>>, ServeError>| {
+/// Runs a batch of jobs (one run), answers each job, and returns the run's rows and timings
+/// when it succeeded.
+fn run_batch(
+    session: &mut ort::session::Session,
+    signature: &ModelSignature,
+    batch: Vec<Job>,
+) -> Option<(u64, RunTimings)> {
+    type Outcome = Result<(Vec<Vec<OutputTensor>>, RunTimings), ServeError>;
+    let guarded = |work: &mut dyn FnMut() -> Outcome| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
             .unwrap_or_else(|_| Err(ServeError::Execution("the executor panicked; see server logs".to_owned())))
     };
-    if batch.len() == 1 {
-        let job = batch.into_iter().next().expect("one job");
-        let result = guarded(&mut || execute(session, signature, &job.request).map(|outputs| vec![outputs]));
-        let _ = job.reply.send(result.map(|mut all| all.remove(0)));
-        return;
-    }
-    let requests: Vec<&ValidRequest> = batch.iter().map(|job| &job.request).collect();
-    let result = guarded(&mut || {
-        let merged = crate::batching::merge(&requests, signature.outputs.len());
-        let outputs = execute(session, signature, &merged)?;
-        crate::batching::split(outputs, &requests)
-    });
+    let rows: u64 = batch.iter().map(|job| crate::batching::rows(&job.request) as u64).sum();
+    let result = if batch.len() == 1 {
+        guarded(&mut || {
+            execute_timed(session, signature, &batch[0].request).map(|(outputs, timings)| (vec![outputs], timings))
+        })
+    } else {
+        let requests: Vec<&ValidRequest> = batch.iter().map(|job| &job.request).collect();
+        guarded(&mut || {
+            let started = Instant::now();
+            let merged = crate::batching::merge(&requests, signature.outputs.len());
+            let merge_time = started.elapsed();
+            let (outputs, mut timings) = execute_timed(session, signature, &merged)?;
+            let split_started = Instant::now();
+            let per_request = crate::batching::split(outputs, &requests)?;
+            timings.input += merge_time;
+            timings.output += split_started.elapsed();
+            Ok((per_request, timings))
+        })
+    };
     match result {
-        Ok(per_request) => {
+        Ok((per_request, timings)) => {
             for (job, outputs) in batch.into_iter().zip(per_request) {
                 let _ = job.reply.send(Ok(outputs));
             }
+            Some((rows, timings))
         }
         Err(err) => {
             for job in batch {
                 let _ = job.reply.send(Err(err.clone()));
             }
+            None
         }
     }
 }

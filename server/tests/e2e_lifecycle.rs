@@ -160,6 +160,10 @@ async fn bench_measures_a_server_and_the_in_process_baseline_in_one_run() {
         assert_eq!(level["errors"].as_object().unwrap().len(), 0, "{level}");
         assert!(level["latency_ms_p50"].as_f64().unwrap() > 0.0);
         assert!(level["latency_ms_p99"].as_f64().unwrap() >= level["latency_ms_p50"].as_f64().unwrap());
+        // The server-side breakdown comes from the ModelStatistics RPC.
+        assert_eq!(level["server"]["requests"], 40, "{level}");
+        assert!(level["server"]["compute_infer_us"].as_f64().unwrap() > 0.0, "{level}");
+        assert!(level["server"]["rows_per_run"].as_f64().unwrap() >= 4.0, "{level}");
     }
     assert!(report["in_process"]["inferences_per_second"].as_f64().unwrap() > 0.0);
     assert!(report["server_to_in_process_ratio"].as_f64().unwrap() > 0.0);

@@ -69,7 +69,7 @@ async fn metadata_and_config_describe_batching_models() {
 
     let server_metadata = client.server_metadata(ServerMetadataRequest {}).await.unwrap().into_inner();
     assert_eq!(server_metadata.name, "mantissa");
-    assert_eq!(server_metadata.extensions, vec!["model_configuration"]);
+    assert_eq!(server_metadata.extensions, vec!["model_configuration", "statistics"]);
 
     let index = client.repository_index(RepositoryIndexRequest::default()).await.unwrap().into_inner();
     let names: Vec<_> = index.models.iter().map(|m| (m.name.as_str(), m.version.as_str(), m.state.as_str())).collect();
