@@ -100,6 +100,7 @@ fn plan(graph: &GraphProto, types: &ElemTypes, options: &Int8Options) -> Result<
     let nodes: Vec<usize> =
         nodes.into_iter().filter(|&p| COMPUTE_OPS.contains(&graph.node[p].op_type()) || touches_quantized(p)).collect();
 
+    let quantized: HashSet<usize> = nodes.iter().copied().collect();
     let mut tensors = Vec::new();
     let mut seen = HashSet::new();
     let mut shares = HashMap::new();
@@ -119,6 +120,14 @@ fn plan(graph: &GraphProto, types: &ElemTypes, options: &Int8Options) -> Result<
             }
         }
         for output in node.output.iter().take(1).filter(|o| is_float(o)) {
+            // An output needs a Q/DQ pair when a quantized node reads it, or when the producer
+            // is a Conv (QLinearConv needs a quantized output to fuse). A MatMul/Gemm whose
+            // readers all stay FP32 keeps a float output, which ONNX Runtime still runs on
+            // integer kernels (MatMulIntegerToFloat) without rounding the result.
+            let read_by_quantized = index.consumers(output).iter().any(|c| quantized.contains(c));
+            if !read_by_quantized && node.op_type() != "Conv" && !SHARING_OPS.contains(&node.op_type()) {
+                continue;
+            }
             if seen.insert(output.clone()) {
                 tensors.push(output.clone());
             }

@@ -16,6 +16,7 @@ pub mod drift;
 pub mod error;
 pub mod executor;
 pub mod metrics;
+pub mod mixed_precision;
 pub mod npz;
 pub mod ort_runtime;
 pub mod quantize_cmd;

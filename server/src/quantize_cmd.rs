@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
-use mantissa_model_store::{Policy, Precision, VariantSpec};
+use mantissa_model_store::{DriftBudget, Policy, Precision, VariantSpec};
+
+use crate::mixed_precision::SearchReport;
+use crate::variant_build::BudgetSearch;
 use mantissa_quantize::calibration::CalibrationMethodKind;
 use mantissa_quantize::fp16::{Fp16Options, Fp16Report, convert_to_fp16};
 use mantissa_quantize::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic};
@@ -65,6 +68,19 @@ pub struct QuantizeArgs {
     /// INT8 static with --calibration-method percentile: the percentile kept.
     #[arg(long)]
     pub percentile: Option<f64>,
+    /// INT8 static: holdout samples (.npz file or directory) for --budget-cosine/--budget-top1.
+    #[arg(long)]
+    pub holdout: Option<PathBuf>,
+    /// INT8 static: keep the most sensitive nodes in FP32 until the outputs' cosine with FP32
+    /// on --holdout reaches this.
+    #[arg(long, requires = "holdout")]
+    pub budget_cosine: Option<f64>,
+    /// INT8 static: minimum top-1 agreement with FP32 on --holdout for --class-output outputs.
+    #[arg(long, requires = "holdout")]
+    pub budget_top1: Option<f64>,
+    /// Outputs holding class scores (for --budget-top1); repeatable.
+    #[arg(long)]
+    pub class_output: Vec<String>,
     /// ONNX Runtime library, for static calibration.
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_library: Option<PathBuf>,
@@ -180,18 +196,33 @@ pub fn run(args: &QuantizeArgs) -> Result<(), QuantizeError> {
         PrecisionArg::Int8 => {
             let options = int8_options(args)?;
             let environment = if options.mode == Int8Mode::Static {
+                // Calibration and the budget search run the model on ONNX Runtime.
                 let library = crate::ort_runtime::locate_library(args.ort_library.as_deref())
                     .map_err(|err| QuantizeError(err.to_string()))?;
                 Some(crate::ort_runtime::init_environment(&library).map_err(|err| QuantizeError(err.to_string()))?)
             } else {
                 None
             };
-            let report = match &environment {
-                Some(environment) => crate::variant_build::quantize_int8(environment, &mut model, &options, "quantize"),
-                None => quantize_dynamic(&mut model, &options).map_err(|err| err.to_string()),
+            let budget = DriftBudget { min_cosine: args.budget_cosine, min_top1_agreement: args.budget_top1 };
+            for (flag, value) in [("--budget-cosine", budget.min_cosine), ("--budget-top1", budget.min_top1_agreement)]
+            {
+                if let Some(value) = value.filter(|v| !(0.0..=1.0).contains(v)) {
+                    return Err(QuantizeError(format!("{flag}: expected a value in [0, 1], got {value}")));
+                }
+            }
+            let search = args
+                .holdout
+                .as_deref()
+                .filter(|_| budget.min_cosine.is_some() || budget.min_top1_agreement.is_some())
+                .map(|holdout| BudgetSearch { holdout, class_outputs: &args.class_output, budget: &budget });
+            let (report, searched) = match &environment {
+                Some(environment) => {
+                    crate::variant_build::quantize_int8(environment, &mut model, &options, "quantize", search)
+                }
+                None => quantize_dynamic(&mut model, &options).map(|r| (r, None)).map_err(|err| err.to_string()),
             }
             .map_err(|err| QuantizeError(format!("{}: {err}", args.model.display())))?;
-            Summary::Int8(report, options.mode)
+            Summary::Int8(report, options.mode, searched)
         }
     };
     let save = SaveOptions { external_file: args.external_data.clone(), threshold: 1024 };
@@ -202,7 +233,7 @@ pub fn run(args: &QuantizeArgs) -> Result<(), QuantizeError> {
 
 enum Summary {
     Fp16(Fp16Report),
-    Int8(Int8Report, Int8Mode),
+    Int8(Int8Report, Int8Mode, Option<SearchReport>),
 }
 
 fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Duration) {
@@ -210,7 +241,7 @@ fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Dur
     let after = stored_size(&args.output);
     let precision = match summary {
         Summary::Fp16(_) => "fp16".to_owned(),
-        Summary::Int8(_, mode) => format!("int8 {mode:?}").to_lowercase(),
+        Summary::Int8(_, mode, _) => format!("int8 {mode:?}").to_lowercase(),
     };
     println!(
         "{} -> {} ({precision}) in {:.1} ms",
@@ -237,7 +268,20 @@ fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Dur
             );
             println!("  values clamped to ±65504: {}", report.values_clamped);
         }
-        Summary::Int8(report, _) => {
+        Summary::Int8(report, _, searched) => {
+            if let Some(searched) = searched {
+                println!(
+                    "  budget search:           plain recipe cosine {:.6} -> {:.6} with {} of {} nodes kept FP32 ({} evaluations)",
+                    searched.initial_cosine,
+                    searched.cosine,
+                    searched.kept_fp32.len(),
+                    searched.candidates,
+                    searched.evaluations
+                );
+                for node in &searched.kept_fp32 {
+                    println!("      kept FP32 by the search: {node}");
+                }
+            }
             println!("  nodes quantized:         {}", report.quantized.len());
             println!("  nodes kept in FP32:      {}", report.skipped.len());
             for (node, op, reason) in &report.skipped {

@@ -329,9 +329,28 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_statistics(
         &self,
-        _: Request<ModelStatisticsRequest>,
+        request: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
-        Err(unimplemented("ModelStatistics"))
+        let request = request.into_inner();
+        let models: Vec<&ServedModel> = if request.name.is_empty() {
+            self.registry.models().collect()
+        } else {
+            vec![self.registry.model(&request.name)?]
+        };
+        let mut model_stats = Vec::new();
+        for served in models {
+            let variants: Vec<&Variant> = if request.version.is_empty() {
+                served.variants.iter().collect()
+            } else {
+                vec![served.variant(&request.version)?]
+            };
+            for variant in variants {
+                if let Ok(pool) = variant.pool() {
+                    model_stats.push(pool.statistics().proto(served.name(), &variant.spec.name));
+                }
+            }
+        }
+        Ok(Response::new(ModelStatisticsResponse { model_stats }))
     }
 
     async fn repository_index(

@@ -2,11 +2,11 @@
 //! the output of the variant's precision pass, built in memory at startup.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use mantissa_model_store::{ModelEntry, Precision, VariantSpec};
+use mantissa_model_store::{DriftBudget, ModelEntry, Precision, VariantSpec};
 use mantissa_quantize::fp16::convert_to_fp16;
 use mantissa_quantize::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic};
 use mantissa_quantize::int8_static::{quantize_static, tensors_to_calibrate};
@@ -15,6 +15,7 @@ use mantissa_quantize::{load_model, to_bytes};
 use ort::environment::Environment;
 
 use crate::artifact_cache::ArtifactCache;
+use crate::mixed_precision::SearchReport;
 
 /// Where a session reads its model from.
 #[derive(Debug, Clone)]
@@ -42,7 +43,8 @@ pub fn build_variant_cached(
         return build_variant(environment, entry, spec);
     };
     let started = Instant::now();
-    let options = format!("{:?} {:?} {:?}", spec.precision, spec.fp16, spec.int8);
+    let options =
+        format!("{:?} {:?} {:?} {:?}", spec.precision, spec.fp16, spec.int8, budget_for(entry, spec).map(|b| b.budget));
     let key = ArtifactCache::key(&input_files(entry, spec)?, &options).map_err(|err| format!("cache key: {err}"))?;
     if let Some((bytes, mut parameters)) = cache.load(&entry.name, &spec.name, &key) {
         tracing::info!(
@@ -64,6 +66,19 @@ pub fn build_variant_cached(
     Ok(built)
 }
 
+/// The policy's drift budget, when it applies to this variant: a static INT8 variant of a
+/// model whose policy names holdout data and a budget.
+fn budget_for<'a>(entry: &'a ModelEntry, spec: &VariantSpec) -> Option<BudgetSearch<'a>> {
+    let drift = entry.policy.drift.as_ref()?;
+    let is_static = spec.int8.as_ref().is_some_and(|o| o.mode == Int8Mode::Static);
+    let has_budget = drift.budget.min_cosine.is_some() || drift.budget.min_top1_agreement.is_some();
+    (is_static && has_budget && spec.name != drift.reference).then_some(BudgetSearch {
+        holdout: &drift.holdout_data,
+        class_outputs: &drift.class_outputs,
+        budget: &drift.budget,
+    })
+}
+
 /// Every file a variant's artifact depends on: the model, its external data, and for static
 /// INT8 the calibration samples.
 fn input_files(entry: &ModelEntry, spec: &VariantSpec) -> Result<Vec<PathBuf>, String> {
@@ -82,6 +97,9 @@ fn input_files(entry: &ModelEntry, spec: &VariantSpec) -> Result<Vec<PathBuf>, S
         && let Some(data) = &options.calibration_data
     {
         files.extend(crate::calibrate::sample_files(data)?);
+    }
+    if let Some(search) = budget_for(entry, spec) {
+        files.extend(crate::calibrate::sample_files(search.holdout)?);
     }
     Ok(files)
 }
@@ -134,7 +152,13 @@ pub fn build_variant(
             let options = spec.int8.clone().unwrap_or_default();
             let mut model = load_model(&entry.model_path).map_err(|err| err.to_string())?;
             let label = format!("{}:{}", entry.name, spec.name);
-            let report = quantize_int8(environment, &mut model, &options, &label)?;
+            let budget = budget_for(entry, spec);
+            let (report, searched) = quantize_int8(environment, &mut model, &options, &label, budget)?;
+            if let Some(searched) = &searched {
+                parameters.insert("int8_budget_kept_fp32".to_owned(), searched.kept_fp32.join(","));
+                parameters.insert("int8_budget_search_cosine".to_owned(), searched.cosine.to_string());
+                parameters.insert("int8_plain_recipe_cosine".to_owned(), searched.initial_cosine.to_string());
+            }
             let bytes = to_bytes(&model);
             tracing::info!(
                 model = %entry.name,
@@ -167,21 +191,51 @@ pub fn build_variant(
     Ok(BuiltVariant { source, parameters })
 }
 
+/// A drift budget the static INT8 pass must meet on holdout data, by keeping the most
+/// sensitive nodes in FP32 (see `mixed_precision`).
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetSearch<'a> {
+    pub holdout: &'a Path,
+    pub class_outputs: &'a [String],
+    pub budget: &'a DriftBudget,
+}
+
 /// Runs the INT8 pass of `options` on `model`: dynamic directly, static after calibrating on
-/// `options.calibration_data`.
+/// `options.calibration_data` (and searching for a mixed-precision configuration when a
+/// budget is given).
 pub fn quantize_int8(
     environment: &Environment,
     model: &mut ModelProto,
     options: &Int8Options,
     label: &str,
-) -> Result<Int8Report, String> {
+    budget: Option<BudgetSearch<'_>>,
+) -> Result<(Int8Report, Option<SearchReport>), String> {
     match options.mode {
-        Int8Mode::Dynamic => quantize_dynamic(model, options).map_err(|err| format!("int8 dynamic: {err}")),
+        Int8Mode::Dynamic => {
+            quantize_dynamic(model, options).map(|r| (r, None)).map_err(|err| format!("int8 dynamic: {err}"))
+        }
         Int8Mode::Static => {
             let data = options.calibration_data.as_ref().ok_or("static INT8 needs calibration_data")?;
             let tensors = tensors_to_calibrate(model, options).map_err(|err| format!("int8 static: {err}"))?;
             let ranges = crate::calibrate::calibrate(environment, model, &tensors, data, &options.calibration, label)?;
-            quantize_static(model, options, &ranges).map_err(|err| format!("int8 static: {err}"))
+            match budget {
+                Some(search) => {
+                    let (quantized, report, searched) = crate::mixed_precision::search(
+                        environment,
+                        model,
+                        options,
+                        &ranges,
+                        search.holdout,
+                        search.class_outputs,
+                        search.budget,
+                    )?;
+                    *model = quantized;
+                    Ok((report, Some(searched)))
+                }
+                None => quantize_static(model, options, &ranges)
+                    .map(|r| (r, None))
+                    .map_err(|err| format!("int8 static: {err}")),
+            }
         }
     }
 }

@@ -1,0 +1,83 @@
+"""The accuracy-budget search: on a fixture where the plain static INT8 recipe misses a 0.99
+cosine budget, `mantissa quantize --budget-cosine 0.99` keeps the fewest nodes in FP32 that
+meet it (checked here independently with onnxruntime), and the server does the same at
+startup when the policy names holdout data and a budget."""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "tests/fixtures/int8/outlier_mlp"
+BIN = Path(os.environ.get("MANTISSA_BIN", REPO / "target/debug/mantissa"))
+ORT_LIB = REPO / ".onnxruntime/lib/libonnxruntime.so.1.31.1"
+
+
+def quantize(out: Path, *extra: str) -> str:
+    env = dict(os.environ, ORT_DYLIB_PATH=str(ORT_LIB), RUST_BACKTRACE="0")
+    args = [str(BIN), "quantize", str(FIXTURE / "model.onnx"), "--precision", "int8",
+            "--policy", str(FIXTURE / "policy.yaml"), "-o", str(out), *extra]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def cosine_vs_fp32(model: Path) -> float:
+    x = np.load(FIXTURE / "holdout.npz")["x"]
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref, got = run(FIXTURE / "model.onnx").ravel().astype(np.float64), run(model).ravel().astype(np.float64)
+    return float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got)))
+
+
+def test_plain_recipe_misses_and_the_search_meets_the_budget(tmp_path):
+    plain = tmp_path / "plain.onnx"
+    quantize(plain)
+    plain_cosine = cosine_vs_fp32(plain)
+    print(f"plain static recipe: cosine {plain_cosine:.6f}")
+    assert plain_cosine < 0.99
+
+    searched = tmp_path / "searched.onnx"
+    summary = quantize(searched, "--holdout", str(FIXTURE / "holdout.npz"), "--budget-cosine", "0.99")
+    match = re.search(r"with (\d+) of (\d+) nodes kept FP32", summary)
+    assert match, summary
+    kept, candidates = int(match.group(1)), int(match.group(2))
+    searched_cosine = cosine_vs_fp32(searched)
+    print(f"budget search: cosine {searched_cosine:.6f}, {kept} of {candidates} nodes kept FP32")
+    assert searched_cosine >= 0.99
+    assert kept / candidates < 0.2
+    onnx.checker.check_model(str(searched), full_check=True)
+    # The nodes left quantized still run on ONNX Runtime's integer kernels.
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(searched), options, providers=["CPUExecutionProvider"])
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert ops & {"QLinearMatMul", "MatMulIntegerToFloat", "QGemm"}, ops
+
+
+def test_a_budget_outside_zero_one_is_refused(tmp_path):
+    env = dict(os.environ, ORT_DYLIB_PATH=str(ORT_LIB), RUST_BACKTRACE="0")
+    out = tmp_path / "never.onnx"
+    args = [str(BIN), "quantize", str(FIXTURE / "model.onnx"), "--precision", "int8", "--policy", str(FIXTURE / "policy.yaml"),
+            "--holdout", str(FIXTURE / "holdout.npz"), "--budget-cosine", "1.5", "-o", str(out)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0
+    assert "--budget-cosine: expected a value in [0, 1], got 1.5" in result.stderr, result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mantissa_server", [REPO / "tests/fixtures/int8"], indirect=True)
+def test_the_server_searches_at_startup(mantissa_server):
+    client = grpcclient.InferenceServerClient(mantissa_server.grpc_url)
+    config = client.get_model_config("outlier_mlp", "int8", as_json=True)["config"]
+    parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
+    assert parameters["int8_budget_kept_fp32"] == "layer5/MatMul", parameters
+    assert float(parameters["drift_y_cosine"]) >= 0.99, parameters
+    assert parameters["drift_budget"] == "met", parameters
+    assert client.is_model_ready("outlier_mlp", "int8")
