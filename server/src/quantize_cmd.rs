@@ -10,7 +10,7 @@ use crate::mixed_precision::SearchReport;
 use crate::variant_build::BudgetSearch;
 use mantissa_quantize::calibration::CalibrationMethodKind;
 use mantissa_quantize::fp16::{Fp16Options, Fp16Report, convert_to_fp16};
-use mantissa_quantize::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic};
+use mantissa_quantize::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic, quantize_weight_only};
 use mantissa_quantize::{SaveOptions, load_model, save_model};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -23,6 +23,7 @@ pub enum PrecisionArg {
 pub enum ModeArg {
     Dynamic,
     Static,
+    WeightOnly,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -81,6 +82,12 @@ pub struct QuantizeArgs {
     /// Outputs holding class scores (for --budget-top1); repeatable.
     #[arg(long)]
     pub class_output: Vec<String>,
+    /// INT8 weight-only: bits per weight (4 or 8).
+    #[arg(long)]
+    pub weight_bits: Option<u8>,
+    /// INT8 weight-only: weights per block along K (16..=256, a power of two).
+    #[arg(long)]
+    pub block_size: Option<usize>,
     /// ONNX Runtime library, for static calibration.
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_library: Option<PathBuf>,
@@ -143,6 +150,7 @@ fn int8_options(args: &QuantizeArgs) -> Result<Int8Options, QuantizeError> {
         options.mode = match mode {
             ModeArg::Dynamic => Int8Mode::Dynamic,
             ModeArg::Static => Int8Mode::Static,
+            ModeArg::WeightOnly => Int8Mode::WeightOnly,
         };
     }
     if let Some(data) = &args.calibration_data {
@@ -159,6 +167,13 @@ fn int8_options(args: &QuantizeArgs) -> Result<Int8Options, QuantizeError> {
     if let Some(percentile) = args.percentile {
         options.calibration.percentile = percentile;
     }
+    if let Some(bits) = args.weight_bits {
+        options.weight_bits = bits;
+    }
+    if let Some(block_size) = args.block_size {
+        options.block_size = block_size;
+    }
+    mantissa_quantize::int8::validate_options(&options).map_err(|err| QuantizeError(err.to_string()))?;
     if options.mode == Int8Mode::Static && options.calibration_data.is_none() {
         return Err(QuantizeError("--mode static needs --calibration-data DIR (or a policy that names it)".to_owned()));
     }
@@ -218,6 +233,9 @@ pub fn run(args: &QuantizeArgs) -> Result<(), QuantizeError> {
             let (report, searched) = match &environment {
                 Some(environment) => {
                     crate::variant_build::quantize_int8(environment, &mut model, &options, "quantize", search)
+                }
+                None if options.mode == Int8Mode::WeightOnly => {
+                    quantize_weight_only(&mut model, &options).map(|r| (r, None)).map_err(|err| err.to_string())
                 }
                 None => quantize_dynamic(&mut model, &options).map(|r| (r, None)).map_err(|err| err.to_string()),
             }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use mantissa_model_store::{DriftBudget, ModelEntry, Precision, VariantSpec};
 use mantissa_quantize::fp16::convert_to_fp16;
-use mantissa_quantize::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic};
+use mantissa_quantize::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic, quantize_weight_only};
 use mantissa_quantize::int8_static::{quantize_static, tensors_to_calibrate};
 use mantissa_quantize::onnx::ModelProto;
 use mantissa_quantize::{load_model, to_bytes};
@@ -213,6 +213,9 @@ pub fn quantize_int8(
     match options.mode {
         Int8Mode::Dynamic => {
             quantize_dynamic(model, options).map(|r| (r, None)).map_err(|err| format!("int8 dynamic: {err}"))
+        }
+        Int8Mode::WeightOnly => {
+            quantize_weight_only(model, options).map(|r| (r, None)).map_err(|err| format!("int8 weight-only: {err}"))
         }
         Int8Mode::Static => {
             let data = options.calibration_data.as_ref().ok_or("static INT8 needs calibration_data")?;

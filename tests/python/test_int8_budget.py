@@ -81,3 +81,29 @@ def test_the_server_searches_at_startup(mantissa_server):
     assert float(parameters["drift_y_cosine"]) >= 0.99, parameters
     assert parameters["drift_budget"] == "met", parameters
     assert client.is_model_ready("outlier_mlp", "int8")
+
+
+@pytest.mark.parametrize("bits,block_size,symmetric", [(4, 32, True), (4, 64, False), (8, 32, True)])
+def test_block_wise_weight_only_runs_on_matmulnbits(tmp_path, bits, block_size, symmetric):
+    model = REPO / "examples/models/digits_transformer/model.onnx"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "variants:\n  w:\n    precision: int8\n    int8:\n      mode: weight-only\n"
+        f"      weight_bits: {bits}\n      block_size: {block_size}\n      weight_symmetric: {str(symmetric).lower()}\n"
+    )
+    out = tmp_path / "weight_only.onnx"
+    env = dict(os.environ, RUST_BACKTRACE="0")
+    result = subprocess.run([str(BIN), "quantize", str(model), "--precision", "int8", "--policy", str(policy), "-o", str(out)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    onnx.checker.check_model(str(out), full_check=True)
+    ops = [node.op_type for node in onnx.load(str(out)).graph.node]
+    assert ops.count("MatMulNBits") >= 10, ops
+    data = np.load(REPO / "examples/models/digits_transformer/test_data.npz")
+    logits = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": data["input"]})[0]
+    reference = data["logits"]
+    cosine = float((logits * reference).sum() / (np.linalg.norm(logits) * np.linalg.norm(reference)))
+    accuracy = float((logits.argmax(1) == data["labels"]).mean())
+    print(f"weight-only int{bits} block {block_size} symmetric={symmetric}: cosine {cosine:.6f}, accuracy {accuracy:.4f}")
+    assert cosine >= 0.99
+    assert out.stat().st_size < model.stat().st_size * 0.6
