@@ -45,6 +45,9 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Convert an FP32 ONNX model with the same pass the server runs at startup, and print a summary.
     Quantize(crate::quantize_cmd::QuantizeArgs),
+    /// Report how ready an FP32 model is for INT8 on sample data: input ranges, per-channel range spread, dead
+    /// ReLU/Clip channels, saturated Sigmoid/Tanh inputs, MACCs per sample and the most INT8-sensitive nodes.
+    Analyze(crate::analyze::AnalyzeArgs),
 }
 
 #[derive(Debug, Args)]

@@ -98,7 +98,7 @@ pub fn measure(
     let signature = reference.signature();
     let mut accumulators: BTreeMap<String, DriftAccumulator> = BTreeMap::new();
     let run = |pool: &WorkerPool, request| -> Result<Vec<OutputTensor>, String> {
-        let receiver = pool.submit(request, None).map_err(|err| format!("{err:?}"))?;
+        let receiver = pool.submit_internal(request).map_err(|err| format!("{err:?}"))?;
         receiver.blocking_recv().map_err(|_| "worker stopped".to_owned())?.map_err(|err| err.to_string())
     };
     for file in &files {

@@ -5,6 +5,7 @@
 //! (`worker`, `executor`), and answered by the gRPC handler (`service`). `server` wires the
 //! lifecycle; `bench` is the load generator.
 
+pub mod analyze;
 pub mod artifact_cache;
 pub mod batching;
 pub mod bench;

@@ -57,6 +57,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Bench(args) => Ok(mantissa::bench::run(args).await?),
             Command::Quantize(args) => Ok(mantissa::quantize_cmd::run(&args)?),
+            Command::Analyze(args) => Ok(mantissa::analyze::run(&args)?),
         }
     })
 }

@@ -229,7 +229,12 @@ pub fn run(args: &QuantizeArgs) -> Result<(), QuantizeError> {
                 .holdout
                 .as_deref()
                 .filter(|_| budget.min_cosine.is_some() || budget.min_top1_agreement.is_some())
-                .map(|holdout| BudgetSearch { holdout, class_outputs: &args.class_output, budget: &budget });
+                .map(|holdout| BudgetSearch {
+                    holdout,
+                    class_outputs: &args.class_output,
+                    budget: &budget,
+                    serve_flagged: false,
+                });
             let (report, searched) = match &environment {
                 Some(environment) => {
                     crate::variant_build::quantize_int8(environment, &mut model, &options, "quantize", search)

@@ -78,7 +78,7 @@ pub fn batch_invariance(pool: &WorkerPool, precision: Precision) -> BTreeMap<Str
     }
     let rows: Vec<ValidRequest> = (0..ROWS as u64).map(|seed| row(signature, seed + 1)).collect();
     let run = |request: ValidRequest| {
-        pool.submit(request, None).ok().and_then(|receiver| receiver.blocking_recv().ok()).and_then(Result::ok)
+        pool.submit_internal(request).ok().and_then(|receiver| receiver.blocking_recv().ok()).and_then(Result::ok)
     };
     // One at a time, so the batcher cannot merge the single-row runs.
     let singles: Option<Vec<_>> = rows.iter().cloned().map(run).collect();

@@ -48,15 +48,19 @@ impl InferenceService {
         Ok((served, variant, ready_pool(served, variant)?))
     }
 
+    /// Serves one request; `routed` learns the variant as soon as routing chose it.
     async fn infer(
         &self,
         request: &mut ModelInferRequest,
         received: Instant,
         client_timeout: Option<Duration>,
-    ) -> Result<(String, ModelInferResponse), ServeError> {
+        routed: &mut Option<String>,
+    ) -> Result<ModelInferResponse, ServeError> {
         let served = self.registry.model(&request.model_name)?;
+        let _in_flight = metrics::in_flight(served.name());
         let parameters = &request.parameters;
         let variant = served.route(&request.model_version, |key| parameters.get(key).and_then(parameter_text))?;
+        *routed = Some(variant.spec.name.clone());
         let pool = ready_pool(served, variant)?;
         let result = self.run_on(served.name(), variant, &pool, request, received, client_timeout).await;
         pool.statistics().record_request(result.is_ok(), received.elapsed());
@@ -76,7 +80,7 @@ impl InferenceService {
             });
             response.raw_output_contents.push(output.raw);
         }
-        Ok((variant.spec.name.clone(), response))
+        Ok(response)
     }
 }
 
@@ -239,18 +243,22 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
-        let _in_flight = metrics::in_flight(&request.get_ref().model_name);
         let client_timeout =
             request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
         let mut request = request.into_inner();
-        let result = self.infer(&mut request, started, client_timeout).await;
-        let (variant, outcome) = match &result {
-            Ok((variant, _)) => (variant.clone(), "ok"),
-            Err(err) => (request.model_version.clone(), err.error_type()),
+        let mut routed = None;
+        let result = self.infer(&mut request, started, client_timeout, &mut routed).await;
+        // Label values come from the server's own models and variants only, so clients cannot
+        // create series by sending names that do not exist.
+        let (model, variant) = match (&result, &routed) {
+            (Err(ServeError::ModelNotFound { .. }), _) => ("_unknown", "".to_owned()),
+            (_, Some(variant)) => (request.model_name.as_str(), variant.clone()),
+            (_, None) => (request.model_name.as_str(), "_unknown".to_owned()),
         };
-        metrics::record_request(&request.model_name, &variant, outcome, started.elapsed());
+        let outcome = result.as_ref().map_or_else(ServeError::error_type, |_| "ok");
+        metrics::record_request(model, &variant, outcome, started.elapsed());
         match result {
-            Ok((_, response)) => Ok(Response::new(response)),
+            Ok(response) => Ok(Response::new(response)),
             Err(err) => {
                 tracing::debug!(model = %request.model_name, id = %request.id, error = %err, "request failed");
                 Err(err.into())

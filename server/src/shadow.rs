@@ -90,7 +90,7 @@ async fn compare_samples(
             .iter()
             .filter_map(|o| pool.signature().outputs.iter().position(|s| s.name == o.name))
             .collect();
-        let Ok(receiver) = pool.submit(request, None) else {
+        let Ok(receiver) = pool.submit_internal(request) else {
             metrics::record_shadow_dropped(&model, &sample.variant);
             continue;
         };

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use mantissa_model_store::{DriftBudget, ModelEntry, Precision, VariantSpec};
+use mantissa_model_store::{BudgetMiss, DriftBudget, ModelEntry, Precision, VariantSpec};
 use mantissa_quantize::fp16::convert_to_fp16;
 use mantissa_quantize::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic, quantize_weight_only};
 use mantissa_quantize::int8_static::{quantize_static, tensors_to_calibrate};
@@ -76,6 +76,7 @@ fn budget_for<'a>(entry: &'a ModelEntry, spec: &VariantSpec) -> Option<BudgetSea
         holdout: &drift.holdout_data,
         class_outputs: &drift.class_outputs,
         budget: &drift.budget,
+        serve_flagged: drift.on_budget_miss == BudgetMiss::ServeFlagged,
     })
 }
 
@@ -198,6 +199,9 @@ pub struct BudgetSearch<'a> {
     pub holdout: &'a Path,
     pub class_outputs: &'a [String],
     pub budget: &'a DriftBudget,
+    /// When no configuration meets the budget: fall back to the plain recipe (the startup
+    /// drift check then serves it flagged) instead of failing the build.
+    pub serve_flagged: bool,
 }
 
 /// Runs the INT8 pass of `options` on `model`: dynamic directly, static after calibrating on
@@ -223,7 +227,7 @@ pub fn quantize_int8(
             let ranges = crate::calibrate::calibrate(environment, model, &tensors, data, &options.calibration, label)?;
             match budget {
                 Some(search) => {
-                    let (quantized, report, searched) = crate::mixed_precision::search(
+                    let searched = crate::mixed_precision::search(
                         environment,
                         model,
                         options,
@@ -231,9 +235,20 @@ pub fn quantize_int8(
                         search.holdout,
                         search.class_outputs,
                         search.budget,
-                    )?;
-                    *model = quantized;
-                    Ok((report, Some(searched)))
+                    );
+                    match searched {
+                        Ok((quantized, report, searched)) => {
+                            *model = quantized;
+                            Ok((report, Some(searched)))
+                        }
+                        Err(missed) if search.serve_flagged => {
+                            tracing::warn!(variant = label, %missed, "budget search failed; serving the plain recipe flagged");
+                            quantize_static(model, options, &ranges)
+                                .map(|r| (r, None))
+                                .map_err(|err| format!("int8 static: {err}"))
+                        }
+                        Err(missed) => Err(missed),
+                    }
                 }
                 None => quantize_static(model, options, &ranges)
                     .map(|r| (r, None))

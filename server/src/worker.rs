@@ -28,6 +28,9 @@ struct Job {
     /// Past this instant the caller no longer wants an answer: the job is dropped unrun.
     deadline: Option<Instant>,
     enqueued: Instant,
+    /// Submitted by the server itself (self-test, drift, shadow): served like any job but kept
+    /// out of the statistics and metrics, which describe client traffic.
+    internal: bool,
 }
 
 /// What a variant's workers need to start.
@@ -144,8 +147,23 @@ impl WorkerPool {
         request: ValidRequest,
         deadline: Option<Instant>,
     ) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
+        self.enqueue(request, deadline, false)
+    }
+
+    /// Enqueues work of the server's own (self-test, drift, shadow comparison), which the
+    /// statistics and metrics leave out.
+    pub fn submit_internal(&self, request: ValidRequest) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
+        self.enqueue(request, None, true)
+    }
+
+    fn enqueue(
+        &self,
+        request: ValidRequest,
+        deadline: Option<Instant>,
+        internal: bool,
+    ) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
         let (reply, receiver) = oneshot::channel();
-        match self.queue.try_send(Job { request, reply, deadline, enqueued: Instant::now() }) {
+        match self.queue.try_send(Job { request, reply, deadline, enqueued: Instant::now(), internal }) {
             Ok(()) => Ok(receiver),
             Err(TrySendError::Full(_)) => Err(SubmitError::Full { capacity: self.queue_capacity }),
             Err(TrySendError::Disconnected(_)) => Err(SubmitError::Closed),
@@ -232,12 +250,26 @@ fn worker_main(
                 }
             }
         }
-        let queued: Vec<std::time::Duration> = batch.iter().map(|job| job.enqueued.elapsed()).collect();
+        // Only client jobs count in the statistics and metrics.
+        let clients: Vec<(std::time::Duration, u64)> = batch
+            .iter()
+            .filter(|job| !job.internal)
+            .map(|job| (job.enqueued.elapsed(), crate::batching::rows(&job.request) as u64))
+            .collect();
         let started = Instant::now();
         let ran = run_batch(&mut session, &signature, batch);
-        crate::metrics::record_run(&config.model_name, &config.variant_name, &queued, started.elapsed(), jobs.len());
-        if let Some((rows, timings)) = ran {
-            statistics.record_run(&queued, rows, timings);
+        if !clients.is_empty() {
+            let queued: Vec<std::time::Duration> = clients.iter().map(|(waited, _)| *waited).collect();
+            crate::metrics::record_run(
+                &config.model_name,
+                &config.variant_name,
+                &queued,
+                started.elapsed(),
+                jobs.len(),
+            );
+            if let Some((_, timings)) = ran {
+                statistics.record_run(&queued, clients.iter().map(|(_, rows)| rows).sum(), timings);
+            }
         }
     }
 }
