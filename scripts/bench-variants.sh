@@ -55,9 +55,11 @@ done
 for store in examples/models "$work/unbatched"; do
   serve "$store" 18501; wait_serving 18501 "$(date +%s%N)" >/dev/null
   for model in digits_cnn digits_transformer; do
-    printf '%s %-20s ' "$(basename "$(dirname "$store")")/$(basename "$store")" "$model"
+    label=batched; [ "$store" = examples/models ] || label=unbatched
+    printf '%-10s %-20s ' "$label" "$model"
     "$bin" bench --url http://127.0.0.1:18501 --model "$model" --model-version fp32 --concurrency 16 \
-      --duration "$duration" --warmup 1s --json 2>/dev/null | python3 -c 'import json,sys; r=json.load(sys.stdin)["levels"][0]; print(f"{r[\"inferences_per_second\"]:.0f} infer/s, p99 {r[\"latency_ms_p99\"]:.2f} ms")'
+      --duration "$duration" --warmup 1s --json 2>/dev/null \
+      | python3 -c 'import json, sys; r = json.load(sys.stdin)["levels"][0]; print("%.0f infer/s, p99 %.2f ms, %.2f rows per run" % (r["inferences_per_second"], r["latency_ms_p99"], r["server"]["rows_per_run"]))'
   done
   stop
 done

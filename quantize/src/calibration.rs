@@ -690,6 +690,26 @@ pub fn try_per_channel_int8_symmetric(
     shape: &[usize],
     axis: usize,
 ) -> Result<(Vec<f32>, Vec<i8>), CalibrationError> {
+    try_per_channel_symmetric(weights, shape, axis, false)
+}
+
+/// Per-channel symmetric weights in 8 bits, or in 7 bits (±63) with `reduce_range`: on CPUs
+/// without VNNI, u8 x s8 products are summed in pairs into int16 (VPMADDUBSW), which
+/// saturates unless one operand leaves a bit of headroom.
+pub fn per_channel_symmetric(weights: &[f32], shape: &[usize], axis: usize, reduce_range: bool) -> (Vec<f32>, Vec<i8>) {
+    match try_per_channel_symmetric(weights, shape, axis, reduce_range) {
+        Ok(result) => result,
+        Err(err) => panic!("{err}"),
+    }
+}
+
+fn try_per_channel_symmetric(
+    weights: &[f32],
+    shape: &[usize],
+    axis: usize,
+    reduce_range: bool,
+) -> Result<(Vec<f32>, Vec<i8>), CalibrationError> {
+    let limit = if reduce_range { 63.0 } else { 127.0 };
     if axis >= shape.len() {
         return Err(CalibrationError::BadAxis { axis, rank: shape.len() });
     }
@@ -711,9 +731,12 @@ pub fn try_per_channel_int8_symmetric(
             max_abs[c] = max_abs[c].max(w.abs());
         }
     }
-    let scales: Vec<f32> = max_abs.iter().map(|&m| symmetric_scale(m, 127.0)).collect();
-    let quantized =
-        weights.iter().enumerate().map(|(i, &w)| quantize_symmetric_int8(w, scales[channel_of(i)])).collect();
+    let scales: Vec<f32> = max_abs.iter().map(|&m| symmetric_scale(m, limit)).collect();
+    let quantized = weights
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| quantize_symmetric_int8(w, scales[channel_of(i)]).clamp(-(limit as i8), limit as i8))
+        .collect();
     Ok((scales, quantized))
 }
 

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::calibration::{CalibrationOptions, per_channel_int8_symmetric};
+use crate::calibration::{CalibrationOptions, per_channel_symmetric};
 use crate::elem;
 use crate::graph::{GraphIndex, NameGenerator, topological_order};
 use crate::onnx::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
@@ -56,8 +56,10 @@ pub struct Int8Options {
     pub mode: Int8Mode,
     /// One weight scale per output channel (per tensor otherwise).
     pub per_channel: bool,
-    /// 7-bit weights and activations, for CPUs without VNNI whose u8s8 instructions saturate.
-    pub reduce_range: bool,
+    /// 7-bit weights, for CPUs without VNNI, whose u8 x s8 instructions add pairs of products
+    /// into int16 and saturate with full 8-bit weights. `None` (the default) decides from the
+    /// CPU that builds the variant: 7-bit unless it has AVX512-VNNI or AVX-VNNI.
+    pub reduce_range: Option<bool>,
     pub activation_type: ActivationType,
     /// The first and last compute layers stay FP32.
     pub keep_first_and_last_layers: bool,
@@ -85,7 +87,7 @@ impl Default for Int8Options {
         Self {
             mode: Int8Mode::Dynamic,
             per_channel: true,
-            reduce_range: false,
+            reduce_range: None,
             activation_type: ActivationType::Uint8,
             keep_first_and_last_layers: true,
             op_types_include: Vec::new(),
@@ -201,6 +203,26 @@ impl Selection {
             return Some(SkipReason::LastLayer);
         }
         None
+    }
+}
+
+/// Whether the CPU has VNNI dot-product instructions (AVX512-VNNI or AVX-VNNI), which
+/// accumulate u8 x s8 products in int32 without saturating.
+pub fn cpu_has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vnni") || std::arch::is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
+    }
+}
+
+impl Int8Options {
+    /// `reduce_range` with `None` resolved for this CPU.
+    pub fn effective_reduce_range(&self) -> bool {
+        self.reduce_range.unwrap_or_else(|| !cpu_has_vnni())
     }
 }
 
@@ -370,11 +392,11 @@ pub fn quantize_dynamic(model: &mut ModelProto, options: &Int8Options) -> Result
             }
         };
         // Symmetric int8 per output column (axis 1 of [K, N]).
+        let reduce_range = options.effective_reduce_range();
         let (scales, quantized) = if options.per_channel {
-            per_channel_int8_symmetric(&weights.values, &[weights.k, weights.n], 1)
+            per_channel_symmetric(&weights.values, &[weights.k, weights.n], 1, reduce_range)
         } else {
-            let (scales, quantized) = per_channel_int8_symmetric(&weights.values, &[1, weights.values.len()], 0);
-            (scales, quantized)
+            per_channel_symmetric(&weights.values, &[1, weights.values.len()], 0, reduce_range)
         };
         let base = if name.is_empty() { node.output[0].clone() } else { name.clone() };
         let weight_name = names.fresh(&format!("{base}_weight_int8"));

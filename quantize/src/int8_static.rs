@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::calibration::{
-    clip_for_consumers, int8_symmetric, per_channel_int8_symmetric, quantize_bias_int32, uint8_asymmetric,
+    clip_for_consumers, int8_symmetric, per_channel_symmetric, quantize_bias_int32, uint8_asymmetric,
 };
 use crate::elem;
 use crate::graph::{GraphIndex, NameGenerator, topological_order};
@@ -191,6 +191,11 @@ pub fn quantize_static(
     options: &Int8Options,
     ranges: &Ranges,
 ) -> Result<Int8Report, Int8Error> {
+    if options.effective_reduce_range() {
+        tracing::info!(
+            "7-bit weights (reduce_range): this CPU has no VNNI, whose absence makes 8-bit u8 x s8 products saturate"
+        );
+    }
     if options.activation_type == ActivationType::Int8 {
         tracing::warn!("int8 (S8S8) activations mostly do not fuse on x86 and run slower than FP32");
     }
@@ -234,11 +239,11 @@ pub fn quantize_static(
         }
         let parameters = match options.activation_type {
             ActivationType::Uint8 => {
-                let (scale, zero_point) = uint8_asymmetric(lo, hi, options.reduce_range);
+                let (scale, zero_point) = uint8_asymmetric(lo, hi, false);
                 QuantParams { scale, zero_point, zero_point_type: elem::UINT8 }
             }
             ActivationType::Int8 => {
-                let (scale, zero_point) = int8_symmetric(lo, hi, options.reduce_range);
+                let (scale, zero_point) = int8_symmetric(lo, hi, false);
                 QuantParams { scale, zero_point: zero_point as u8, zero_point_type: elem::INT8 }
             }
         };
@@ -298,7 +303,7 @@ pub fn quantize_static(
                 graph,
                 &mut node,
                 input_scale,
-                per_channel,
+                WeightSettings { per_channel, reduce_range: options.effective_reduce_range() },
                 &mut names,
                 &mut new_initializers,
                 &mut weight_nodes,
@@ -345,12 +350,19 @@ fn axis_attribute(axis: i64) -> AttributeProto {
     AttributeProto { name: Some("axis".to_owned()), r#type: Some(2), i: Some(axis), ..Default::default() }
 }
 
+/// How weights are quantized.
+#[derive(Debug, Clone, Copy)]
+struct WeightSettings {
+    per_channel: bool,
+    reduce_range: bool,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn quantize_weights(
     graph: &GraphProto,
     node: &mut NodeProto,
     input_scale: Option<f32>,
-    per_channel: bool,
+    WeightSettings { per_channel, reduce_range }: WeightSettings,
     names: &mut NameGenerator,
     initializers: &mut Vec<TensorProto>,
     nodes: &mut Vec<NodeProto>,
@@ -371,9 +383,9 @@ fn quantize_weights(
         return;
     }
     let (scales, quantized) = if per_channel {
-        per_channel_int8_symmetric(&values, &dims, axis)
+        per_channel_symmetric(&values, &dims, axis, reduce_range)
     } else {
-        per_channel_int8_symmetric(&values, &[1, values.len()], 0)
+        per_channel_symmetric(&values, &[1, values.len()], 0, reduce_range)
     };
     report.weight_bytes_before += values.len() * 4;
     report.weight_bytes_after += quantized.len() + scales.len() * 4;

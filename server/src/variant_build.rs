@@ -179,6 +179,7 @@ pub fn build_variant(
             parameters.insert("int8_nodes_kept_fp32".to_owned(), report.skipped.len().to_string());
             parameters.insert("int8_activations_quantized".to_owned(), report.activations_quantized.to_string());
             parameters.insert("int8_per_channel".to_owned(), options.per_channel.to_string());
+            parameters.insert("int8_reduce_range".to_owned(), options.effective_reduce_range().to_string());
             if options.mode == Int8Mode::Static {
                 parameters.insert(
                     "int8_calibration_method".to_owned(),
