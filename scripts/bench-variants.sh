@@ -63,3 +63,4 @@ for store in examples/models "$work/unbatched"; do
   done
   stop
 done
+exit 0

@@ -93,6 +93,9 @@ pub struct ServingSettings {
     pub max_queue_size: Option<u32>,
     /// Deadline for requests whose client sent none; `None` waits as long as the client does.
     pub default_timeout: Option<Duration>,
+    /// Batch sizes (rows) the batcher runs as soon as it reaches them, without waiting out
+    /// `max_queue_delay`.
+    pub preferred_batch_sizes: Vec<u32>,
 }
 
 impl Default for ServingSettings {
@@ -106,6 +109,7 @@ impl Default for ServingSettings {
             max_queue_delay: Duration::ZERO,
             max_queue_size: None,
             default_timeout: None,
+            preferred_batch_sizes: Vec::new(),
         }
     }
 }
@@ -304,6 +308,7 @@ struct RawServing {
     max_queue_delay: Option<String>,
     max_queue_size: Option<u32>,
     default_timeout: Option<String>,
+    preferred_batch_sizes: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -551,6 +556,7 @@ fn merge_serving(base: &ServingSettings, raw: &RawServing) -> Result<ServingSett
         max_queue_delay,
         max_queue_size: raw.max_queue_size.or(base.max_queue_size),
         default_timeout,
+        preferred_batch_sizes: raw.preferred_batch_sizes.clone().unwrap_or_else(|| base.preferred_batch_sizes.clone()),
     })
 }
 
@@ -585,6 +591,16 @@ fn check_serving(
     }
     if serving.intra_op_threads > 1024 {
         return Err(error(&key("intra_op_threads"), format!("expected 0..=1024, got {}", serving.intra_op_threads)));
+    }
+    if let Some(bad) = serving
+        .preferred_batch_sizes
+        .iter()
+        .find(|&&size| size == 0 || serving.max_batch_size.is_some_and(|max| size > max))
+    {
+        return Err(error(
+            &key("preferred_batch_sizes"),
+            format!("expected sizes from 1 to max_batch_size ({:?}), got {bad}", serving.max_batch_size),
+        ));
     }
     if serving.max_queue_size == Some(0) {
         return Err(error(&key("max_queue_size"), "expected at least 1, got 0".to_owned()));
@@ -627,6 +643,7 @@ mod tests {
                 max_queue_delay: Duration::ZERO,
                 max_queue_size: None,
                 default_timeout: None,
+                preferred_batch_sizes: Vec::new(),
             }
         );
     }

@@ -127,6 +127,7 @@ fn load_variant(
         queue_capacity: serving.max_queue_size.map_or(defaults.queue_capacity, |size| size as usize),
         dynamic_batching: serving.dynamic_batching,
         max_queue_delay: serving.max_queue_delay,
+        preferred_batch_sizes: serving.preferred_batch_sizes.iter().map(|&size| size as usize).collect(),
     };
     match WorkerPool::start(Arc::clone(environment), config) {
         Ok(pool) => {

@@ -327,6 +327,7 @@ impl GrpcInferenceService for InferenceService {
             scheduling_choice: (signature.batches() && serving.dynamic_batching).then(|| {
                 model_config::SchedulingChoice::DynamicBatching(ModelDynamicBatching {
                     max_queue_delay_microseconds: serving.max_queue_delay.as_micros() as u64,
+                    preferred_batch_size: serving.preferred_batch_sizes.iter().map(|&size| size as i32).collect(),
                     ..Default::default()
                 })
             }),

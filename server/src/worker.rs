@@ -49,6 +49,8 @@ pub struct WorkerPoolConfig {
     pub dynamic_batching: bool,
     /// How long to wait for more requests once one is in hand.
     pub max_queue_delay: std::time::Duration,
+    /// Batch sizes (rows) worth running at once: reaching one ends the wait for more.
+    pub preferred_batch_sizes: Vec<usize>,
 }
 
 /// A running set of workers for one variant.
@@ -232,18 +234,21 @@ fn worker_main(
         if batching {
             let mut rows = crate::batching::rows(&batch[0].request);
             let deadline = Instant::now() + config.max_queue_delay;
-            while rows < max_rows {
-                let next = if config.max_queue_delay.is_zero() {
-                    jobs.try_recv().ok()
-                } else {
-                    jobs.recv_deadline(deadline).ok()
-                };
+            let largest_preferred = config.preferred_batch_sizes.iter().copied().max();
+            // Wait up to max_queue_delay for more, until a preferred batch size is reached;
+            // after that only take what is already queued.
+            let mut waiting = !config.max_queue_delay.is_zero() && !config.preferred_batch_sizes.contains(&rows);
+            while rows < max_rows && Some(rows) != largest_preferred {
+                let next = if waiting { jobs.recv_deadline(deadline).ok() } else { jobs.try_recv().ok() };
                 let Some(job) = next else { break };
                 let Some(job) = still_wanted(job, config) else { continue };
                 let job_rows = crate::batching::rows(&job.request);
                 if rows + job_rows <= max_rows && crate::batching::compatible(&batch[0].request, &job.request) {
                     rows += job_rows;
                     batch.push(job);
+                    if config.preferred_batch_sizes.contains(&rows) {
+                        waiting = false;
+                    }
                 } else {
                     held = Some(job);
                     break;

@@ -43,11 +43,12 @@ fn digits_request(key: Option<&str>) -> ModelInferRequest {
     }
 }
 
-const SPLIT_POLICY: &str = "variants:\n  fp32:\n    precision: fp32\n  int8:\n    precision: int8\n  fp16:\n    precision: fp16\nrouting:\n  default: fp32\n  split:\n    int8: 90\n    fp16: 10\n  key: user\n";
+const SPLIT_POLICY: &str = "variants:\n  fp32:\n    precision: fp32\n  int8:\n    precision: int8\n    int8:\n      mode: static\n      calibration_data: calibration\n  fp16:\n    precision: fp16\nrouting:\n  default: fp32\n  split:\n    int8: 90\n    fp16: 10\n  key: user\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_routing_follows_the_weights_and_keys_stick_across_restarts() {
     let store = store_with("digits_cnn", &example_store(), SPLIT_POLICY);
+    copy_calibration(store.path(), "digits_cnn");
     let mut server = TestServer::start(store.path());
     let client = server.wait_ready().await;
 
@@ -95,6 +96,16 @@ async fn split_routing_follows_the_weights_and_keys_stick_across_restarts() {
     let mut client = restarted.wait_ready().await;
     let after = client.model_infer(digits_request(Some("customer-42"))).await.unwrap().into_inner().model_version;
     assert_eq!(Some(after), pinned, "the key moved to another variant after a restart");
+}
+
+/// Copies the example model's calibration samples next to the copied model.
+fn copy_calibration(store: &Path, model: &str) {
+    let target = store.join(model).join("calibration");
+    std::fs::create_dir_all(&target).unwrap();
+    for entry in std::fs::read_dir(example_store().join(model).join("calibration")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), target.join(entry.file_name())).unwrap();
+    }
 }
 
 /// A cheap deterministic string per index, so keys differ without a random-number crate.
