@@ -16,7 +16,10 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::elem;
-use crate::graph::{GraphError, GraphIndex, NameGenerator, node_reads, set_declared_elem_type, topological_order};
+use crate::graph::{
+    GraphError, GraphIndex, NameGenerator, first_and_last_compute, node_reads, set_declared_elem_type,
+    topological_order,
+};
 use crate::onnx::{AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto};
 use crate::tensor::narrow_to_f16;
 use crate::types::{ElemTypes, attribute, infer_elem_types};
@@ -58,9 +61,6 @@ pub const DEFAULT_OP_BLOCK_LIST: &[&str] = &[
     "MatMulInteger",
     "ConvInteger",
 ];
-
-/// Ops whose FLOPs make a layer "compute" for the first/last-layer rule.
-const COMPUTE_OPS: &[&str] = &["Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "LSTM", "GRU", "RNN"];
 
 /// Ops that pass a tensor through unchanged in value, for pattern matching.
 const PASS_THROUGH_OPS: &[&str] = &["Cast", "Dropout", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze"];
@@ -602,7 +602,7 @@ fn decide(graph: &GraphProto, types: &ElemTypes, index: &GraphIndex, rules: &Rul
             || (has_subgraph(node) && node_reads(node).iter().any(|name| is_float(types, name)))
     };
     let (first, last) = if scope == Scope::Main && options.keep_first_and_last_layers {
-        first_and_last_compute(graph, index)
+        first_and_last_compute(graph)
     } else {
         (HashSet::new(), HashSet::new())
     };
@@ -700,30 +700,6 @@ fn decide(graph: &GraphProto, types: &ElemTypes, index: &GraphIndex, rules: &Rul
         }
     }
     decisions
-}
-
-/// Compute nodes with no compute node upstream (first) and none downstream (last).
-fn first_and_last_compute(graph: &GraphProto, index: &GraphIndex) -> (HashSet<usize>, HashSet<usize>) {
-    let nodes = &graph.node;
-    let is_compute = |n: &NodeProto| COMPUTE_OPS.contains(&n.op_type());
-    let mut upstream = vec![false; nodes.len()];
-    for (position, node) in nodes.iter().enumerate() {
-        upstream[position] = node_reads(node)
-            .iter()
-            .filter_map(|input| index.producer(input))
-            .any(|producer| upstream[producer] || is_compute(&nodes[producer]));
-    }
-    let mut downstream = vec![false; nodes.len()];
-    for position in (0..nodes.len()).rev() {
-        downstream[position] = nodes[position]
-            .output
-            .iter()
-            .flat_map(|output| index.consumers(output))
-            .any(|&consumer| downstream[consumer] || is_compute(&nodes[consumer]));
-    }
-    let first = (0..nodes.len()).filter(|&i| is_compute(&nodes[i]) && !upstream[i]).collect();
-    let last = (0..nodes.len()).filter(|&i| is_compute(&nodes[i]) && !downstream[i]).collect();
-    (first, last)
 }
 
 /// When `value` is a Softmax output, possibly through pass-through ops, the positions of

@@ -230,6 +230,36 @@ pub fn remove_dead(graph: &mut GraphProto) -> (usize, usize) {
     (removed_nodes, before - graph.initializer.len())
 }
 
+/// Ops whose FLOPs make a layer "compute" for the first/last-layer rules of the passes.
+pub const COMPUTE_OPS: &[&str] = &["Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "LSTM", "GRU", "RNN"];
+
+/// Compute nodes with no compute node upstream (first) and none downstream (last), following
+/// inputs and the outer values subgraphs read.
+pub fn first_and_last_compute(graph: &GraphProto) -> (HashSet<usize>, HashSet<usize>) {
+    let index = GraphIndex::build(graph);
+    let nodes = &graph.node;
+    let is_compute = |n: &NodeProto| COMPUTE_OPS.contains(&n.op_type());
+    let order = topological_order(graph).unwrap_or_else(|_| (0..nodes.len()).collect());
+    let mut upstream = vec![false; nodes.len()];
+    for &position in &order {
+        upstream[position] = node_reads(&nodes[position])
+            .iter()
+            .filter_map(|input| index.producer(input))
+            .any(|producer| upstream[producer] || is_compute(&nodes[producer]));
+    }
+    let mut downstream = vec![false; nodes.len()];
+    for &position in order.iter().rev() {
+        downstream[position] = nodes[position]
+            .output
+            .iter()
+            .flat_map(|output| index.consumers(output))
+            .any(|&consumer| downstream[consumer] || is_compute(&nodes[consumer]));
+    }
+    let first = (0..nodes.len()).filter(|&i| is_compute(&nodes[i]) && !upstream[i]).collect();
+    let last = (0..nodes.len()).filter(|&i| is_compute(&nodes[i]) && !downstream[i]).collect();
+    (first, last)
+}
+
 /// Turns `Constant` nodes holding a tensor into initializers of the same name, so passes that
 /// look for constant weights find them whichever way the exporter stored them. Returns how
 /// many were moved.

@@ -19,7 +19,8 @@ use serde::Deserialize;
 
 use crate::calibration::{CalibrationOptions, per_channel_symmetric};
 use crate::elem;
-use crate::graph::{GraphIndex, NameGenerator, topological_order};
+pub(crate) use crate::graph::first_and_last_compute;
+use crate::graph::{GraphIndex, NameGenerator};
 use crate::onnx::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
 use crate::tensor::f32_values;
 use crate::types::attribute;
@@ -238,35 +239,6 @@ pub fn validate_options(options: &Int8Options) -> Result<(), Int8Error> {
         )));
     }
     Selection::new(options).map(|_| ())
-}
-
-const COMPUTE_OPS: &[&str] = &["Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "LSTM", "GRU", "RNN"];
-
-/// Compute nodes with no compute node upstream (first) and none downstream (last).
-pub(crate) fn first_and_last_compute(graph: &GraphProto) -> (HashSet<usize>, HashSet<usize>) {
-    let index = GraphIndex::build(graph);
-    let nodes = &graph.node;
-    let is_compute = |n: &NodeProto| COMPUTE_OPS.contains(&n.op_type());
-    let order = topological_order(graph).unwrap_or_else(|_| (0..nodes.len()).collect());
-    let mut upstream = vec![false; nodes.len()];
-    for &position in &order {
-        upstream[position] = nodes[position]
-            .input
-            .iter()
-            .filter_map(|input| index.producer(input))
-            .any(|producer| upstream[producer] || is_compute(&nodes[producer]));
-    }
-    let mut downstream = vec![false; nodes.len()];
-    for &position in order.iter().rev() {
-        downstream[position] = nodes[position]
-            .output
-            .iter()
-            .flat_map(|output| index.consumers(output))
-            .any(|&consumer| downstream[consumer] || is_compute(&nodes[consumer]));
-    }
-    let first = (0..nodes.len()).filter(|&i| is_compute(&nodes[i]) && !upstream[i]).collect();
-    let last = (0..nodes.len()).filter(|&i| is_compute(&nodes[i]) && !downstream[i]).collect();
-    (first, last)
 }
 
 pub(crate) fn ensure_opset(model: &mut ModelProto, domain: &str, version: i64) {
