@@ -398,16 +398,24 @@ pub fn quantize_dynamic(model: &mut ModelProto, options: &Int8Options) -> Result
         graph.node[position] = replacement;
     }
     graph.initializer.extend(new_initializers);
-    // Drop FP32 weights nothing reads any more.
-    let index = GraphIndex::build(graph);
-    let outputs: HashSet<String> = graph.output.iter().map(|o| o.name().to_owned()).collect();
-    graph.initializer.retain(|t| {
-        !replaced_weights.contains_key(t.name()) || !index.consumers(t.name()).is_empty() || outputs.contains(t.name())
-    });
-    if !report.quantized.is_empty() {
+    let replaced: HashSet<String> = replaced_weights.into_keys().collect();
+    finish_contrib_rewrite(model, &replaced, !report.quantized.is_empty());
+    Ok(report)
+}
+
+/// Drops the FP32 weights the rewritten nodes no longer read and declares the com.microsoft
+/// opset their replacements need.
+fn finish_contrib_rewrite(model: &mut ModelProto, replaced_weights: &HashSet<String>, rewrote_any: bool) {
+    if let Some(graph) = model.graph.as_mut() {
+        let index = GraphIndex::build(graph);
+        let outputs: HashSet<String> = graph.output.iter().map(|o| o.name().to_owned()).collect();
+        graph.initializer.retain(|t| {
+            !replaced_weights.contains(t.name()) || !index.consumers(t.name()).is_empty() || outputs.contains(t.name())
+        });
+    }
+    if rewrote_any {
         ensure_opset(model, "com.microsoft", 1);
     }
-    Ok(report)
 }
 
 /// Block-wise quantization of a [K, N] matrix in MatMulNBits' layout: for each column n and
@@ -574,14 +582,7 @@ pub fn quantize_weight_only(model: &mut ModelProto, options: &Int8Options) -> Re
         graph.node.insert(position + 1, node);
     }
     graph.initializer.extend(new_initializers);
-    let index = GraphIndex::build(graph);
-    let outputs: HashSet<String> = graph.output.iter().map(|o| o.name().to_owned()).collect();
-    graph.initializer.retain(|t| {
-        !replaced_weights.contains(t.name()) || !index.consumers(t.name()).is_empty() || outputs.contains(t.name())
-    });
-    if !report.quantized.is_empty() {
-        ensure_opset(model, "com.microsoft", 1);
-    }
+    finish_contrib_rewrite(model, &replaced_weights, !report.quantized.is_empty());
     Ok(report)
 }
 
