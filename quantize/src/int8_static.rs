@@ -419,7 +419,14 @@ fn quantize_weights(
         return;
     }
     let quantized_bias = quantize_bias_int32(&bias, input_scale, &channel_scales);
-    let bias_scales: Vec<f32> = channel_scales.iter().map(|s| s * input_scale).collect();
+    // One bias scale per output channel with per-channel weights; with per-tensor weights a
+    // single scale, so the DequantizeLinear needs no `axis` (which opsets below 13 lack).
+    let bias_scales: Vec<f32> = if scales.len() == 1 {
+        vec![scales[0] * input_scale]
+    } else {
+        channel_scales.iter().map(|s| s * input_scale).collect()
+    };
+    let scale_dims = if bias_scales.len() == 1 { vec![] } else { vec![bias_scales.len() as i64] };
     let qb = names.fresh(&format!("{bias_name}_int32"));
     let sb = names.fresh(&format!("{bias_name}_scale"));
     let zb = names.fresh(&format!("{bias_name}_zero_point"));
@@ -431,12 +438,12 @@ fn quantize_weights(
         raw_data: Some(quantized_bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
         ..Default::default()
     });
-    initializers.push(float_tensor(&sb, vec![bias.len() as i64], &bias_scales));
+    initializers.push(float_tensor(&sb, scale_dims.clone(), &bias_scales));
     initializers.push(TensorProto {
         name: Some(zb.clone()),
-        dims: vec![bias.len() as i64],
+        dims: scale_dims,
         data_type: Some(elem::INT32),
-        raw_data: Some(vec![0; bias.len() * 4]),
+        raw_data: Some(vec![0; bias_scales.len() * 4]),
         ..Default::default()
     });
     let mut dq = simple_node(
@@ -445,7 +452,9 @@ fn quantize_weights(
         vec![qb, sb, zb],
         db.clone(),
     );
-    dq.attribute.push(axis_attribute(0));
+    if bias_scales.len() > 1 {
+        dq.attribute.push(axis_attribute(0));
+    }
     nodes.push(dq);
     node.input[2] = db;
 }
