@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{TestServer, example_store, f32_bytes, fixture_store};
+use mantissa_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use mantissa_proto::inference::model_infer_request::InferInputTensor;
 use mantissa_proto::inference::*;
 use tonic::Code;
@@ -146,6 +147,28 @@ fn dropped(metrics: &str, reason: &str) -> f64 {
         .sum()
 }
 
+/// Sends `blocker` (long), then `probe` while the blocker runs, and returns the probe's error.
+/// Retries up to five times when the probe got through, which happens when a loaded machine
+/// delays the blocker past the probe.
+async fn probe_behind_blocker(
+    client: &GrpcInferenceServiceClient<tonic::transport::Channel>,
+    blocker: ModelInferRequest,
+    probe: impl Fn() -> tonic::Request<ModelInferRequest>,
+) -> tonic::Status {
+    for _ in 0..5 {
+        let mut slow_client = client.clone();
+        let request = blocker.clone();
+        let slow = tokio::spawn(async move { slow_client.model_infer(request).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let result = client.clone().model_infer(probe()).await;
+        let _ = slow.await.unwrap();
+        if let Err(status) = result {
+            return status;
+        }
+    }
+    panic!("the probe never queued behind the blocker in five attempts");
+}
+
 const SLOW_POLICY: &str = "serving:\n  max_batch_size: 1024\n  instances: 1\n  intra_op_threads: 1\n  dynamic_batching: false\n  max_queue_size: 2\nvariants:\n  fp32:\n    precision: fp32\n  strict:\n    precision: fp32\n    serving:\n      default_timeout: 60ms\nrouting:\n  default: fp32\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,38 +204,39 @@ async fn full_queue_deadlines_and_cancelled_clients_are_handled_and_the_server_k
         request.model_version = "strict".into();
         request
     };
-    // The blocker (1024 rows, about 0.25 s of work) is sent first and given time to start.
-    let mut slow_client = client.clone();
-    let slow = tokio::spawn(async move { slow_client.model_infer(strict(1024)).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let status = client.clone().model_infer(strict(1)).await.unwrap_err();
+    // The blocker (1024 rows, about 0.25 s of work) is sent first and given time to start; on a
+    // loaded machine the probe can still slip in first, so each case gets a few attempts.
+    let status = probe_behind_blocker(&client, strict(1024), || tonic::Request::new(strict(1))).await;
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("deadline exceeded"), "{}", status.message());
-    let _ = slow.await.unwrap();
 
     // Deadline (the client's grpc-timeout): the client gives up, and the server does not run
     // the request once its deadline has passed.
-    let mut slow_client = client.clone();
-    let slow = tokio::spawn(async move { slow_client.model_infer(slow_request(1024)).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut hurried = tonic::Request::new(slow_request(1));
-    hurried.set_timeout(Duration::from_millis(50));
-    let status = client.clone().model_infer(hurried).await.unwrap_err();
+    let status = probe_behind_blocker(&client, slow_request(1024), || {
+        let mut hurried = tonic::Request::new(slow_request(1));
+        hurried.set_timeout(Duration::from_millis(50));
+        hurried
+    })
+    .await;
     // tonic's client enforces the timeout itself (CANCELLED "Timeout expired"); the server's
     // own answer (DEADLINE_EXCEEDED) may arrive first.
     assert!(matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled), "{status:?}");
-    slow.await.unwrap().unwrap();
 
     // Cancellation: a queued request whose client goes away is dropped before execution.
-    let mut slow_client = client.clone();
-    let slow = tokio::spawn(async move { slow_client.model_infer(slow_request(1024)).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut abandoning = client.clone();
-    let abandoned = tokio::spawn(async move { abandoning.model_infer(slow_request(1)).await });
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    abandoned.abort();
-    slow.await.unwrap().unwrap();
-    client.clone().model_infer(slow_request(1)).await.unwrap();
+    for attempt in 1..=5 {
+        let mut slow_client = client.clone();
+        let slow = tokio::spawn(async move { slow_client.model_infer(slow_request(1024)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut abandoning = client.clone();
+        let abandoned = tokio::spawn(async move { abandoning.model_infer(slow_request(1)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        abandoned.abort();
+        slow.await.unwrap().unwrap();
+        client.clone().model_infer(slow_request(1)).await.unwrap();
+        if dropped(&scrape(&server.metrics_addr), "cancelled") >= 1.0 || attempt == 5 {
+            break;
+        }
+    }
 
     let metrics = scrape(&server.metrics_addr);
     assert!(dropped(&metrics, "deadline") >= 2.0, "{metrics}");
