@@ -372,66 +372,43 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
         let serving = merge_serving(&defaults, &variant.serving)
             .map_err(|(key, message)| error(&["variants", name, "serving", key], message))?;
         check_serving(&serving, &["variants", name, "serving"], &error)?;
-        let fp16 = match (variant.precision, &variant.fp16) {
-            (Precision::Fp16, options) => Some(options.clone().unwrap_or_default()),
-            (other, Some(_)) => {
-                return Err(error(
-                    &["variants", name, "fp16"],
-                    format!(
-                        "an `fp16` section needs `precision: fp16`, but this variant has precision {}",
-                        other.as_str()
-                    ),
-                ));
-            }
-            (_, None) => None,
-        };
+        let fp16 =
+            pass_section(variant.precision, Precision::Fp16, &variant.fp16, &["variants", name, "fp16"], &error)?;
         if let Some(options) = &fp16
             && let Err(err) = mantissa_quantize::fp16::validate_options(options)
         {
             return Err(error(&["variants", name, "fp16", "node_block_list"], err.to_string()));
         }
-        let int8 = match (variant.precision, &variant.int8) {
-            (Precision::Int8, options) => {
-                let mut options = options.clone().unwrap_or_default();
-                let at = |leaf: &'static str| -> Vec<&str> { vec!["variants", name, "int8", leaf] };
-                if let Err(err) = mantissa_quantize::int8::validate_options(&options) {
-                    return Err(error(&at("nodes_exclude"), err.to_string()));
+        let mut int8 =
+            pass_section(variant.precision, Precision::Int8, &variant.int8, &["variants", name, "int8"], &error)?;
+        if let Some(options) = int8.as_mut() {
+            let at = |leaf: &'static str| -> Vec<&str> { vec!["variants", name, "int8", leaf] };
+            if let Err(err) = mantissa_quantize::int8::validate_options(options) {
+                return Err(error(&at("nodes_exclude"), err.to_string()));
+            }
+            if let Err(err) = options.calibration.validate() {
+                return Err(error(&at("calibration"), err.to_string()));
+            }
+            match (&options.calibration_data, options.mode) {
+                (None, Int8Mode::Static) => {
+                    return Err(error(
+                        &at("calibration_data"),
+                        "static mode needs calibration_data (a directory of .npz samples)".to_owned(),
+                    ));
                 }
-                if let Err(err) = options.calibration.validate() {
-                    return Err(error(&at("calibration"), err.to_string()));
-                }
-                match (&options.calibration_data, options.mode) {
-                    (None, Int8Mode::Static) => {
+                (Some(data), _) => {
+                    let resolved = path.parent().unwrap_or(Path::new(".")).join(data);
+                    if !resolved.is_dir() {
                         return Err(error(
                             &at("calibration_data"),
-                            "static mode needs calibration_data (a directory of .npz samples)".to_owned(),
+                            format!("directory {} does not exist", resolved.display()),
                         ));
                     }
-                    (Some(data), _) => {
-                        let resolved = path.parent().unwrap_or(Path::new(".")).join(data);
-                        if !resolved.is_dir() {
-                            return Err(error(
-                                &at("calibration_data"),
-                                format!("directory {} does not exist", resolved.display()),
-                            ));
-                        }
-                        options.calibration_data = Some(resolved);
-                    }
-                    (None, _) => {}
+                    options.calibration_data = Some(resolved);
                 }
-                Some(options)
+                (None, _) => {}
             }
-            (other, Some(_)) => {
-                return Err(error(
-                    &["variants", name, "int8"],
-                    format!(
-                        "an `int8` section needs `precision: int8`, but this variant has precision {}",
-                        other.as_str()
-                    ),
-                ));
-            }
-            (_, None) => None,
-        };
+        }
         variants.push(VariantSpec { name: name.clone(), precision: variant.precision, fp16, int8, serving });
     }
 
@@ -536,6 +513,29 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
         }
     }
     Ok(Policy { source: Some(path.to_owned()), variants, default_variant, split, drift, shadow: raw.shadow })
+}
+
+/// A pass's options section (`fp16:`, `int8:`): defaults when the variant has the pass's
+/// precision and no section, an error when the section sits under another precision.
+fn pass_section<T: Clone + Default>(
+    precision: Precision,
+    wanted: Precision,
+    section: &Option<T>,
+    key: &[&str],
+    error: &impl Fn(&[&str], String) -> PolicyError,
+) -> Result<Option<T>, PolicyError> {
+    match (precision == wanted, section) {
+        (true, options) => Ok(Some(options.clone().unwrap_or_default())),
+        (false, Some(_)) => Err(error(
+            key,
+            format!(
+                "an `{0}` section needs `precision: {0}`, but this variant has precision {1}",
+                wanted.as_str(),
+                precision.as_str()
+            ),
+        )),
+        (false, None) => Ok(None),
+    }
 }
 
 fn merge_serving(base: &ServingSettings, raw: &RawServing) -> Result<ServingSettings, (&'static str, String)> {

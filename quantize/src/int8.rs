@@ -335,6 +335,34 @@ fn linear_weights(graph: &GraphProto, node: &NodeProto) -> Result<LinearWeights,
     }
 }
 
+/// The constant weights of a MatMul/Gemm the INT8 weight passes may rewrite; a candidate the
+/// rules exclude, or whose weights are not constant, is recorded in `report` as skipped.
+fn linear_candidate(
+    graph: &GraphProto,
+    position: usize,
+    selection: &Selection,
+    (first, last): (&HashSet<usize>, &HashSet<usize>),
+    report: &mut Int8Report,
+) -> Option<LinearWeights> {
+    let node = &graph.node[position];
+    if !node.domain().is_empty() || !matches!(node.op_type(), "MatMul" | "Gemm") {
+        return None;
+    }
+    let (name, op) = (node.name().to_owned(), node.op_type().to_owned());
+    if let Some(reason) = selection.skip_reason(node, first, last, position) {
+        tracing::debug!(node = %name, %reason, "int8: kept FP32");
+        report.skipped.push((name, op, reason));
+        return None;
+    }
+    match linear_weights(graph, node) {
+        Ok(weights) => Some(weights),
+        Err(why) => {
+            report.skipped.push((name, op, SkipReason::Unsupported(why)));
+            None
+        }
+    }
+}
+
 /// Dynamic INT8: rewrites MatMul/Gemm with constant weights as DynamicQuantizeMatMul.
 pub fn quantize_dynamic(model: &mut ModelProto, options: &Int8Options) -> Result<Int8Report, Int8Error> {
     let selection = Selection::new(options)?;
@@ -347,22 +375,10 @@ pub fn quantize_dynamic(model: &mut ModelProto, options: &Int8Options) -> Result
     let mut replaced_weights: HashMap<String, usize> = HashMap::new();
     for position in 0..graph.node.len() {
         let node = &graph.node[position];
-        if !node.domain().is_empty() || !matches!(node.op_type(), "MatMul" | "Gemm") {
+        let Some(weights) = linear_candidate(graph, position, &selection, (&first, &last), &mut report) else {
             continue;
-        }
-        let (name, op) = (node.name().to_owned(), node.op_type().to_owned());
-        if let Some(reason) = selection.skip_reason(node, &first, &last, position) {
-            tracing::debug!(node = %name, %reason, "int8 dynamic: kept FP32");
-            report.skipped.push((name, op, reason));
-            continue;
-        }
-        let weights = match linear_weights(graph, node) {
-            Ok(weights) => weights,
-            Err(why) => {
-                report.skipped.push((name, op, SkipReason::Unsupported(why)));
-                continue;
-            }
         };
+        let (name, op) = (node.name().to_owned(), node.op_type().to_owned());
         // Symmetric int8 per output column (axis 1 of [K, N]).
         let reduce_range = options.effective_reduce_range();
         let (scales, quantized) = if options.per_channel {
@@ -493,21 +509,10 @@ pub fn quantize_weight_only(model: &mut ModelProto, options: &Int8Options) -> Re
     let mut replaced_weights: HashSet<String> = HashSet::new();
     for position in 0..graph.node.len() {
         let node = &graph.node[position];
-        if !node.domain().is_empty() || !matches!(node.op_type(), "MatMul" | "Gemm") {
+        let Some(weights) = linear_candidate(graph, position, &selection, (&first, &last), &mut report) else {
             continue;
-        }
-        let (name, op) = (node.name().to_owned(), node.op_type().to_owned());
-        if let Some(reason) = selection.skip_reason(node, &first, &last, position) {
-            report.skipped.push((name, op, reason));
-            continue;
-        }
-        let weights = match linear_weights(graph, node) {
-            Ok(weights) => weights,
-            Err(why) => {
-                report.skipped.push((name, op, SkipReason::Unsupported(why)));
-                continue;
-            }
         };
+        let (name, op) = (node.name().to_owned(), node.op_type().to_owned());
         let bits = options.weight_bits;
         let quantized =
             quantize_blocks(&weights.values, weights.k, weights.n, bits, options.block_size, options.weight_symmetric);

@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::sync::Arc;
 
-use common::{TestServer, example_store, f32_bytes, f32_values};
+use common::{TestServer, example_store, f32_bytes, f32_values, scrape};
 use mantissa_proto::inference::model_infer_request::InferInputTensor;
 use mantissa_proto::inference::*;
 use ndarray::{ArrayD, IxDyn, OwnedRepr};
@@ -24,14 +23,6 @@ fn batching_store() -> tempfile::TempDir {
     )
     .unwrap();
     store
-}
-
-fn scrape(addr: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
 }
 
 /// Sum of the samples of `name` whose labels include every fragment in `labels` (0 when none).

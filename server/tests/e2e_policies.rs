@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{TestServer, example_store, f32_bytes, fixture_store};
+use common::{TestServer, example_store, f32_bytes, fixture_store, scrape};
 use mantissa_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use mantissa_proto::inference::model_infer_request::InferInputTensor;
 use mantissa_proto::inference::*;
@@ -126,15 +126,6 @@ fn slow_request(rows: usize) -> ModelInferRequest {
         raw_input_contents: vec![f32_bytes(&vec![0.01; rows * 256])],
         ..Default::default()
     }
-}
-
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
 }
 
 fn dropped(metrics: &str, reason: &str) -> f64 {

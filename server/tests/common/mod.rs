@@ -189,3 +189,13 @@ pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
 pub fn f32_values(raw: &[u8]) -> Vec<f32> {
     raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
 }
+
+/// The Prometheus text served at `GET /metrics` on `addr`.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
