@@ -12,7 +12,7 @@
 //! Defaults follow precision-rules.md: the first and last compute layers, Softmax and
 //! normalisations stay FP32; `op_types_exclude` and `nodes_exclude` add exclusions.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use regex::Regex;
 use serde::Deserialize;
@@ -75,6 +75,10 @@ pub struct Int8Options {
     pub calibration_data: Option<std::path::PathBuf>,
     /// Static mode: how activation ranges are calibrated.
     pub calibration: CalibrationOptions,
+    /// Static mode: a Concat whose inputs' calibrated ranges differ by more than this factor
+    /// (widest over narrowest) stays FP32, and so do the nodes reading its output, because one
+    /// shared scale would crush its narrow-range inputs (box coordinates beside class scores).
+    pub max_concat_range_ratio: f32,
     /// Weight-only mode: bits per weight (4 or 8).
     pub weight_bits: u8,
     /// Weight-only mode: weights per block along K (a power of two from 16 to 256).
@@ -96,6 +100,7 @@ impl Default for Int8Options {
             nodes_exclude: Vec::new(),
             calibration_data: None,
             calibration: CalibrationOptions::default(),
+            max_concat_range_ratio: 10.0,
             weight_bits: 4,
             block_size: 128,
             weight_symmetric: true,
@@ -115,6 +120,8 @@ pub enum Int8Error {
     MissingRanges(usize),
     #[error("weight-only quantization: {0}")]
     WeightOnly(String),
+    #[error("{0}")]
+    BadOption(String),
 }
 
 /// Why a candidate node was left in FP32.
@@ -126,6 +133,8 @@ pub enum SkipReason {
     ExcludedNode(String),
     /// The weight is not a constant 2-D float tensor, or Gemm attributes are not the plain form.
     Unsupported(String),
+    /// A Concat joining tensors of very different ranges, or a node reading its output.
+    MixedRanges(String),
 }
 
 impl std::fmt::Display for SkipReason {
@@ -136,6 +145,7 @@ impl std::fmt::Display for SkipReason {
             SkipReason::ExcludedOp => f.write_str("op_types_exclude"),
             SkipReason::ExcludedNode(pattern) => write!(f, "nodes_exclude ({pattern})"),
             SkipReason::Unsupported(why) => write!(f, "unsupported: {why}"),
+            SkipReason::MixedRanges(why) => write!(f, "mixed ranges: {why}"),
         }
     }
 }
@@ -238,6 +248,12 @@ pub fn validate_options(options: &Int8Options) -> Result<(), Int8Error> {
             options.block_size
         )));
     }
+    if options.max_concat_range_ratio.is_nan() || options.max_concat_range_ratio < 1.0 {
+        return Err(Int8Error::BadOption(format!(
+            "max_concat_range_ratio must be at least 1, got {}",
+            options.max_concat_range_ratio
+        )));
+    }
     Selection::new(options).map(|_| ())
 }
 
@@ -247,17 +263,35 @@ pub(crate) fn ensure_opset(model: &mut ModelProto, domain: &str, version: i64) {
     }
 }
 
+/// Initializers visible from a graph: its own first, then those of the graphs around it
+/// (a subgraph of If/Loop/Scan may read its parents' initializers by name).
+struct Scope<'a> {
+    layers: Vec<&'a [TensorProto]>,
+}
+
+impl<'a> Scope<'a> {
+    fn find(&self, name: &str) -> Option<&'a TensorProto> {
+        self.layers.iter().rev().find_map(|layer| layer.iter().find(|t| t.name() == name))
+    }
+
+    fn nested(&self, inner: &'a [TensorProto]) -> Scope<'a> {
+        let mut layers = self.layers.clone();
+        layers.push(inner);
+        Scope { layers }
+    }
+}
+
 /// A 2-D FLOAT initializer's values and shape.
-fn matrix(graph: &GraphProto, name: &str) -> Option<(Vec<f32>, usize, usize)> {
-    let tensor = graph.initializer.iter().find(|t| t.name() == name)?;
+fn matrix(scope: &Scope, name: &str) -> Option<(Vec<f32>, usize, usize)> {
+    let tensor = scope.find(name)?;
     if tensor.data_type() != elem::FLOAT || tensor.dims.len() != 2 {
         return None;
     }
     Some((f32_values(tensor)?, tensor.dims[0] as usize, tensor.dims[1] as usize))
 }
 
-fn vector(graph: &GraphProto, name: &str, length: usize) -> Option<Vec<f32>> {
-    let tensor = graph.initializer.iter().find(|t| t.name() == name)?;
+fn vector(scope: &Scope, name: &str, length: usize) -> Option<Vec<f32>> {
+    let tensor = scope.find(name)?;
     let elements: i64 = tensor.dims.iter().product();
     (tensor.data_type() == elem::FLOAT && elements as usize == length).then(|| f32_values(tensor)).flatten()
 }
@@ -299,9 +333,9 @@ struct LinearWeights {
     bias: Option<Vec<f32>>,
 }
 
-fn linear_weights(graph: &GraphProto, node: &NodeProto) -> Result<LinearWeights, String> {
+fn linear_weights(scope: &Scope, node: &NodeProto) -> Result<LinearWeights, String> {
     let weight_name = node.input.get(1).ok_or("no weight input")?;
-    let (values, rows, cols) = matrix(graph, weight_name)
+    let (values, rows, cols) = matrix(scope, weight_name)
         .ok_or_else(|| format!("weight '{weight_name}' is not a constant 2-D float initializer"))?;
     match node.op_type() {
         "MatMul" => Ok(LinearWeights { k: rows, n: cols, values, bias: None }),
@@ -324,7 +358,7 @@ fn linear_weights(graph: &GraphProto, node: &NodeProto) -> Result<LinearWeights,
                 None => None,
                 Some(name) => {
                     let beta = float_attribute(node, "beta", 1.0);
-                    let bias = vector(graph, name, n)
+                    let bias = vector(scope, name, n)
                         .ok_or_else(|| format!("bias '{name}' is not a constant float vector of {n}"))?;
                     Some(bias.into_iter().map(|b| b * beta).collect())
                 }
@@ -335,16 +369,84 @@ fn linear_weights(graph: &GraphProto, node: &NodeProto) -> Result<LinearWeights,
     }
 }
 
+/// Where the weight-rewriting passes act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// The main graph and every If/Loop/Scan subgraph.
+    Everywhere,
+    /// Subgraphs only (static mode, whose QDQ pass covers the main graph).
+    SubgraphsOnly,
+}
+
+/// Rewrites one MatMul/Gemm with constant weights into the nodes that replace it, adding the
+/// initializers they read.
+type LinearRewrite<'r> =
+    dyn FnMut(&NodeProto, &LinearWeights, &mut NameGenerator, &mut Vec<TensorProto>) -> Vec<NodeProto> + 'r;
+
+/// Applies `rewrite` to every MatMul/Gemm with constant weights that the selection rules allow,
+/// in `graph` and, recursively, in the subgraphs of its If/Loop/Scan nodes. Inside a subgraph
+/// the first/last-layer rule does not apply (a branch body is not an end of the model); the
+/// op and node-name rules do. Weights may live in the subgraph or in a graph around it.
+/// Returns the names of the FP32 weights some rewritten node no longer reads.
+fn rewrite_linear_nodes(
+    graph: &mut GraphProto,
+    outer: &Scope,
+    (reach, selection): (Reach, &Selection),
+    names: &mut NameGenerator,
+    report: &mut Int8Report,
+    rewrite: &mut LinearRewrite,
+) -> HashSet<String> {
+    crate::graph::constants_to_initializers(graph);
+    let in_subgraph = !outer.layers.is_empty();
+    let mut replaced: HashSet<String> = HashSet::new();
+    if reach == Reach::Everywhere || in_subgraph {
+        let (first, last) = if in_subgraph { Default::default() } else { first_and_last_compute(graph) };
+        let mut new_initializers = Vec::new();
+        let scope = outer.nested(&graph.initializer);
+        let mut rebuilt = Vec::with_capacity(graph.node.len());
+        for (position, node) in graph.node.iter().enumerate() {
+            match linear_candidate(&scope, node, position, selection, (&first, &last), report) {
+                Some(weights) => {
+                    replaced.insert(node.input[1].clone());
+                    report.quantized.push((node.name().to_owned(), node.op_type().to_owned()));
+                    rebuilt.extend(rewrite(node, &weights, names, &mut new_initializers));
+                }
+                None => rebuilt.push(node.clone()),
+            }
+        }
+        graph.node = rebuilt;
+        graph.initializer.extend(new_initializers);
+    }
+    let GraphProto { node: nodes, initializer, .. } = graph;
+    let scope = outer.nested(initializer);
+    let mut subgraph_quantized = 0;
+    for node in nodes.iter_mut() {
+        for attribute in node.attribute.iter_mut() {
+            for subgraph in attribute.g.iter_mut().chain(attribute.graphs.iter_mut()) {
+                let before = report.quantized.len();
+                let inner = rewrite_linear_nodes(subgraph, &scope, (reach, selection), names, report, rewrite);
+                drop_unread_initializers(subgraph, &inner);
+                subgraph_quantized += report.quantized.len() - before;
+                replaced.extend(inner);
+            }
+        }
+    }
+    if subgraph_quantized > 0 && !in_subgraph {
+        tracing::info!(nodes = subgraph_quantized, "int8: quantized MatMul/Gemm weights inside If/Loop/Scan subgraphs");
+    }
+    replaced
+}
+
 /// The constant weights of a MatMul/Gemm the INT8 weight passes may rewrite; a candidate the
 /// rules exclude, or whose weights are not constant, is recorded in `report` as skipped.
 fn linear_candidate(
-    graph: &GraphProto,
+    scope: &Scope,
+    node: &NodeProto,
     position: usize,
     selection: &Selection,
     (first, last): (&HashSet<usize>, &HashSet<usize>),
     report: &mut Int8Report,
 ) -> Option<LinearWeights> {
-    let node = &graph.node[position];
     if !node.domain().is_empty() || !matches!(node.op_type(), "MatMul" | "Gemm") {
         return None;
     }
@@ -354,7 +456,7 @@ fn linear_candidate(
         report.skipped.push((name, op, reason));
         return None;
     }
-    match linear_weights(graph, node) {
+    match linear_weights(scope, node) {
         Ok(weights) => Some(weights),
         Err(why) => {
             report.skipped.push((name, op, SkipReason::Unsupported(why)));
@@ -363,71 +465,90 @@ fn linear_candidate(
     }
 }
 
-/// Dynamic INT8: rewrites MatMul/Gemm with constant weights as DynamicQuantizeMatMul.
+/// Dynamic INT8: rewrites MatMul/Gemm with constant weights as DynamicQuantizeMatMul, in the
+/// main graph and in If/Loop/Scan subgraphs.
 pub fn quantize_dynamic(model: &mut ModelProto, options: &Int8Options) -> Result<Int8Report, Int8Error> {
+    quantize_dynamic_within(model, options, Reach::Everywhere, Int8Report::default())
+}
+
+/// Static mode's companion: calibration cannot observe tensors inside If/Loop/Scan subgraphs
+/// (ONNX Runtime exposes only main-graph values as outputs), so their MatMul/Gemm nodes are
+/// quantized dynamically instead of being left FP32. Adds to `report`.
+pub(crate) fn quantize_subgraphs_dynamic(
+    model: &mut ModelProto,
+    options: &Int8Options,
+    report: Int8Report,
+) -> Result<Int8Report, Int8Error> {
+    quantize_dynamic_within(model, options, Reach::SubgraphsOnly, report)
+}
+
+fn quantize_dynamic_within(
+    model: &mut ModelProto,
+    options: &Int8Options,
+    reach: Reach,
+    mut report: Int8Report,
+) -> Result<Int8Report, Int8Error> {
     let selection = Selection::new(options)?;
     let graph = model.graph.as_mut().ok_or(Int8Error::NoGraph)?;
-    crate::graph::constants_to_initializers(graph);
     let mut names = NameGenerator::for_graph(graph);
-    let (first, last) = first_and_last_compute(graph);
-    let mut report = Int8Report::default();
-    let mut new_initializers = Vec::new();
-    let mut replaced_weights: HashMap<String, usize> = HashMap::new();
-    for position in 0..graph.node.len() {
-        let node = &graph.node[position];
-        let Some(weights) = linear_candidate(graph, position, &selection, (&first, &last), &mut report) else {
-            continue;
+    let reduce_range = options.effective_reduce_range();
+    let per_channel = options.per_channel;
+    let quantized_before = report.quantized.len();
+    let (mut bytes_before, mut bytes_after) = (0, 0);
+    let mut rewrite =
+        |node: &NodeProto, weights: &LinearWeights, names: &mut NameGenerator, initializers: &mut Vec<TensorProto>| {
+            // Symmetric int8 per output column (axis 1 of [K, N]).
+            let (scales, quantized) = if per_channel {
+                per_channel_symmetric(&weights.values, &[weights.k, weights.n], 1, reduce_range)
+            } else {
+                per_channel_symmetric(&weights.values, &[1, weights.values.len()], 0, reduce_range)
+            };
+            let base = if node.name().is_empty() { node.output[0].clone() } else { node.name().to_owned() };
+            let weight_name = names.fresh(&format!("{base}_weight_int8"));
+            let scale_name = names.fresh(&format!("{base}_weight_scale"));
+            initializers.push(int8_tensor(&weight_name, vec![weights.k as i64, weights.n as i64], &quantized));
+            initializers.push(float_tensor(&scale_name, vec![scales.len() as i64], &scales));
+            bytes_before += weights.values.len() * 4;
+            bytes_after += quantized.len() + scales.len() * 4;
+            let mut inputs = vec![node.input[0].clone(), weight_name, scale_name, String::new()];
+            if let Some(bias) = &weights.bias {
+                let bias_name = names.fresh(&format!("{base}_bias"));
+                initializers.push(float_tensor(&bias_name, vec![bias.len() as i64], bias));
+                inputs.push(bias_name);
+            }
+            tracing::debug!(node = %base, "int8 dynamic: DynamicQuantizeMatMul");
+            vec![NodeProto {
+                name: Some(base),
+                op_type: Some("DynamicQuantizeMatMul".to_owned()),
+                domain: Some("com.microsoft".to_owned()),
+                input: inputs,
+                output: vec![node.output[0].clone()],
+                ..Default::default()
+            }]
         };
-        let (name, op) = (node.name().to_owned(), node.op_type().to_owned());
-        // Symmetric int8 per output column (axis 1 of [K, N]).
-        let reduce_range = options.effective_reduce_range();
-        let (scales, quantized) = if options.per_channel {
-            per_channel_symmetric(&weights.values, &[weights.k, weights.n], 1, reduce_range)
-        } else {
-            per_channel_symmetric(&weights.values, &[1, weights.values.len()], 0, reduce_range)
-        };
-        let base = if name.is_empty() { node.output[0].clone() } else { name.clone() };
-        let weight_name = names.fresh(&format!("{base}_weight_int8"));
-        let scale_name = names.fresh(&format!("{base}_weight_scale"));
-        new_initializers.push(int8_tensor(&weight_name, vec![weights.k as i64, weights.n as i64], &quantized));
-        new_initializers.push(float_tensor(&scale_name, vec![scales.len() as i64], &scales));
-        *replaced_weights.entry(node.input[1].clone()).or_default() += 1;
-        report.weight_bytes_before += weights.values.len() * 4;
-        report.weight_bytes_after += quantized.len() + scales.len() * 4;
-        let mut inputs = vec![node.input[0].clone(), weight_name, scale_name, String::new()];
-        if let Some(bias) = &weights.bias {
-            let bias_name = names.fresh(&format!("{base}_bias"));
-            new_initializers.push(float_tensor(&bias_name, vec![bias.len() as i64], bias));
-            inputs.push(bias_name);
-        }
-        let replacement = NodeProto {
-            name: Some(base),
-            op_type: Some("DynamicQuantizeMatMul".to_owned()),
-            domain: Some("com.microsoft".to_owned()),
-            input: inputs,
-            output: vec![node.output[0].clone()],
-            attribute: Vec::<AttributeProto>::new(),
-            ..Default::default()
-        };
-        tracing::debug!(node = %name, "int8 dynamic: DynamicQuantizeMatMul");
-        report.quantized.push((name, op));
-        graph.node[position] = replacement;
-    }
-    graph.initializer.extend(new_initializers);
-    let replaced: HashSet<String> = replaced_weights.into_keys().collect();
-    finish_contrib_rewrite(model, &replaced, !report.quantized.is_empty());
+    let top = Scope { layers: Vec::new() };
+    let replaced = rewrite_linear_nodes(graph, &top, (reach, &selection), &mut names, &mut report, &mut rewrite);
+    report.weight_bytes_before += bytes_before;
+    report.weight_bytes_after += bytes_after;
+    let rewrote_any = report.quantized.len() > quantized_before;
+    finish_contrib_rewrite(model, &replaced, rewrote_any);
     Ok(report)
+}
+
+/// Drops the initializers of a subgraph that a rewrite replaced and nothing reads any more.
+fn drop_unread_initializers(graph: &mut GraphProto, replaced: &HashSet<String>) {
+    let index = GraphIndex::build(graph);
+    let outputs: HashSet<String> = graph.output.iter().map(|o| o.name().to_owned()).collect();
+    graph.initializer.retain(|t| {
+        !replaced.contains(t.name()) || !index.consumers(t.name()).is_empty() || outputs.contains(t.name())
+    });
 }
 
 /// Drops the FP32 weights the rewritten nodes no longer read and declares the com.microsoft
 /// opset their replacements need.
 fn finish_contrib_rewrite(model: &mut ModelProto, replaced_weights: &HashSet<String>, rewrote_any: bool) {
     if let Some(graph) = model.graph.as_mut() {
-        let index = GraphIndex::build(graph);
-        let outputs: HashSet<String> = graph.output.iter().map(|o| o.name().to_owned()).collect();
-        graph.initializer.retain(|t| {
-            !replaced_weights.contains(t.name()) || !index.consumers(t.name()).is_empty() || outputs.contains(t.name())
-        });
+        drop_unread_initializers(graph, replaced_weights);
     }
     if rewrote_any {
         ensure_opset(model, "com.microsoft", 1);
@@ -496,98 +617,87 @@ pub(crate) fn quantize_blocks(
 /// Weight-only block-wise quantization: MatMul/Gemm with constant weights become
 /// com.microsoft.MatMulNBits (4- or 8-bit weights, one scale per block along K); activations
 /// stay float. Meant for large MatMul-bound models whose weights dominate memory traffic.
+/// Covers If/Loop/Scan subgraphs too.
 pub fn quantize_weight_only(model: &mut ModelProto, options: &Int8Options) -> Result<Int8Report, Int8Error> {
     validate_options(options)?;
     let selection = Selection::new(options)?;
     let graph = model.graph.as_mut().ok_or(Int8Error::NoGraph)?;
-    crate::graph::constants_to_initializers(graph);
     let mut names = NameGenerator::for_graph(graph);
-    let (first, last) = first_and_last_compute(graph);
     let mut report = Int8Report::default();
-    let mut new_initializers = Vec::new();
-    let mut extra_nodes: Vec<(usize, NodeProto)> = Vec::new();
-    let mut replaced_weights: HashSet<String> = HashSet::new();
-    for position in 0..graph.node.len() {
-        let node = &graph.node[position];
-        let Some(weights) = linear_candidate(graph, position, &selection, (&first, &last), &mut report) else {
-            continue;
-        };
-        let (name, op) = (node.name().to_owned(), node.op_type().to_owned());
-        let bits = options.weight_bits;
-        let quantized =
-            quantize_blocks(&weights.values, weights.k, weights.n, bits, options.block_size, options.weight_symmetric);
-        let base = if name.is_empty() { node.output[0].clone() } else { name.clone() };
-        let b_name = names.fresh(&format!("{base}_weight_q{bits}"));
-        let s_name = names.fresh(&format!("{base}_weight_scales"));
-        let blob = options.block_size * usize::from(bits) / 8;
-        new_initializers.push(TensorProto {
-            name: Some(b_name.clone()),
-            dims: vec![weights.n as i64, quantized.blocks as i64, blob as i64],
-            data_type: Some(elem::UINT8),
-            raw_data: Some(quantized.packed.clone()),
-            ..Default::default()
-        });
-        new_initializers.push(float_tensor(&s_name, vec![quantized.scales.len() as i64], &quantized.scales));
-        let mut inputs = vec![node.input[0].clone(), b_name, s_name];
-        if let Some(zero_points) = &quantized.zero_points {
-            let z_name = names.fresh(&format!("{base}_weight_zero_points"));
-            new_initializers.push(TensorProto {
-                name: Some(z_name.clone()),
-                dims: vec![zero_points.len() as i64],
+    let (bits, block_size, symmetric) = (options.weight_bits, options.block_size, options.weight_symmetric);
+    let (mut bytes_before, mut bytes_after) = (0, 0);
+    let mut rewrite =
+        |node: &NodeProto, weights: &LinearWeights, names: &mut NameGenerator, initializers: &mut Vec<TensorProto>| {
+            let quantized = quantize_blocks(&weights.values, weights.k, weights.n, bits, block_size, symmetric);
+            let base = if node.name().is_empty() { node.output[0].clone() } else { node.name().to_owned() };
+            let b_name = names.fresh(&format!("{base}_weight_q{bits}"));
+            let s_name = names.fresh(&format!("{base}_weight_scales"));
+            let blob = block_size * usize::from(bits) / 8;
+            initializers.push(TensorProto {
+                name: Some(b_name.clone()),
+                dims: vec![weights.n as i64, quantized.blocks as i64, blob as i64],
                 data_type: Some(elem::UINT8),
-                raw_data: Some(zero_points.clone()),
+                raw_data: Some(quantized.packed.clone()),
                 ..Default::default()
             });
-            inputs.push(z_name);
-        }
-        report.weight_bytes_before += weights.values.len() * 4;
-        report.weight_bytes_after += quantized.packed.len() + quantized.scales.len() * 4;
-        replaced_weights.insert(node.input[1].clone());
-        let int_attribute = |name: &str, value: i64| AttributeProto {
-            name: Some(name.to_owned()),
-            r#type: Some(2),
-            i: Some(value),
-            ..Default::default()
-        };
-        let output = node.output[0].clone();
-        let matmul_output =
-            if weights.bias.is_some() { names.fresh(&format!("{output}_before_bias")) } else { output.clone() };
-        let replacement = NodeProto {
-            name: Some(base.clone()),
-            op_type: Some("MatMulNBits".to_owned()),
-            domain: Some("com.microsoft".to_owned()),
-            input: inputs,
-            output: vec![matmul_output.clone()],
-            attribute: vec![
-                int_attribute("K", weights.k as i64),
-                int_attribute("N", weights.n as i64),
-                int_attribute("bits", i64::from(bits)),
-                int_attribute("block_size", options.block_size as i64),
-            ],
-            ..Default::default()
-        };
-        if let Some(bias) = &weights.bias {
-            let bias_name = names.fresh(&format!("{base}_bias"));
-            new_initializers.push(float_tensor(&bias_name, vec![bias.len() as i64], bias));
-            extra_nodes.push((
-                position,
-                NodeProto {
+            initializers.push(float_tensor(&s_name, vec![quantized.scales.len() as i64], &quantized.scales));
+            let mut inputs = vec![node.input[0].clone(), b_name, s_name];
+            if let Some(zero_points) = &quantized.zero_points {
+                let z_name = names.fresh(&format!("{base}_weight_zero_points"));
+                initializers.push(TensorProto {
+                    name: Some(z_name.clone()),
+                    dims: vec![zero_points.len() as i64],
+                    data_type: Some(elem::UINT8),
+                    raw_data: Some(zero_points.clone()),
+                    ..Default::default()
+                });
+                inputs.push(z_name);
+            }
+            bytes_before += weights.values.len() * 4;
+            bytes_after += quantized.packed.len() + quantized.scales.len() * 4;
+            let int_attribute = |name: &str, value: i64| AttributeProto {
+                name: Some(name.to_owned()),
+                r#type: Some(2),
+                i: Some(value),
+                ..Default::default()
+            };
+            let output = node.output[0].clone();
+            let matmul_output =
+                if weights.bias.is_some() { names.fresh(&format!("{output}_before_bias")) } else { output.clone() };
+            let mut nodes = vec![NodeProto {
+                name: Some(base.clone()),
+                op_type: Some("MatMulNBits".to_owned()),
+                domain: Some("com.microsoft".to_owned()),
+                input: inputs,
+                output: vec![matmul_output.clone()],
+                attribute: vec![
+                    int_attribute("K", weights.k as i64),
+                    int_attribute("N", weights.n as i64),
+                    int_attribute("bits", i64::from(bits)),
+                    int_attribute("block_size", block_size as i64),
+                ],
+                ..Default::default()
+            }];
+            if let Some(bias) = &weights.bias {
+                let bias_name = names.fresh(&format!("{base}_bias"));
+                initializers.push(float_tensor(&bias_name, vec![bias.len() as i64], bias));
+                nodes.push(NodeProto {
                     name: Some(names.fresh(&format!("{base}_bias_add"))),
                     op_type: Some("Add".to_owned()),
                     input: vec![matmul_output, bias_name],
                     output: vec![output],
                     ..Default::default()
-                },
-            ));
-        }
-        report.quantized.push((name, op));
-        graph.node[position] = replacement;
-    }
-    for (position, node) in extra_nodes.into_iter().rev() {
-        graph.node.insert(position + 1, node);
-    }
-    graph.initializer.extend(new_initializers);
-    finish_contrib_rewrite(model, &replaced_weights, !report.quantized.is_empty());
+                });
+            }
+            nodes
+        };
+    let top = Scope { layers: Vec::new() };
+    let replaced =
+        rewrite_linear_nodes(graph, &top, (Reach::Everywhere, &selection), &mut names, &mut report, &mut rewrite);
+    report.weight_bytes_before += bytes_before;
+    report.weight_bytes_after += bytes_after;
+    let rewrote_any = !report.quantized.is_empty();
+    finish_contrib_rewrite(model, &replaced, rewrote_any);
     Ok(report)
 }
 

@@ -11,6 +11,8 @@
 //! Weights become int8 per output channel behind a DequantizeLinear; biases become int32 with
 //! scale input_scale x weight_scale. Ops that only move data (MaxPool, Reshape, Transpose, ...)
 //! share their input's scale instead of calibrating their own, so the fusion drops their pairs.
+//! MatMul/Gemm nodes inside If/Loop/Scan subgraphs, whose tensors calibration cannot observe,
+//! are quantized dynamically.
 
 use std::collections::{HashMap, HashSet};
 
@@ -33,8 +35,9 @@ const COMPUTE_OPS: &[&str] = &["Conv", "MatMul", "Gemm"];
 /// quantization parameters.
 const SHARING_OPS: &[&str] =
     &["MaxPool", "GlobalMaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"];
-/// Ops quantized with their own calibrated output range.
-const RANGED_OPS: &[&str] = &["Relu", "Clip", "GlobalAveragePool", "AveragePool"];
+/// Ops quantized with their own calibrated output range. Concat (QLinearConcat) only while
+/// its inputs' ranges are alike; see [`mixed_range_exclusions`].
+const RANGED_OPS: &[&str] = &["Relu", "Clip", "GlobalAveragePool", "AveragePool", "Concat"];
 
 /// Calibrated [lo, hi] range per tensor name.
 pub type Ranges = HashMap<String, (f32, f32)>;
@@ -62,7 +65,14 @@ fn weight_inputs(node: &NodeProto) -> &'static [usize] {
     }
 }
 
-fn plan(graph: &GraphProto, types: &ElemTypes, options: &Int8Options) -> Result<Plan, Int8Error> {
+/// Which nodes to quantize and which tensors get Q/DQ pairs. `excluded` forces nodes (by
+/// position) to stay FP32, with the reason recorded.
+fn plan(
+    graph: &GraphProto,
+    types: &ElemTypes,
+    options: &Int8Options,
+    excluded: &HashMap<usize, SkipReason>,
+) -> Result<Plan, Int8Error> {
     let selection = Selection::new(options)?;
     let (first, last) = first_and_last_compute(graph);
     let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
@@ -75,7 +85,9 @@ fn plan(graph: &GraphProto, types: &ElemTypes, options: &Int8Options) -> Result<
         if !node.domain().is_empty() || !is_quantizable_op(op) {
             continue;
         }
-        if let Some(reason) = selection.skip_reason(node, &first, &last, position) {
+        if let Some(reason) =
+            excluded.get(&position).cloned().or_else(|| selection.skip_reason(node, &first, &last, position))
+        {
             skipped.push((node.name().to_owned(), op.to_owned(), reason));
             continue;
         }
@@ -173,7 +185,7 @@ pub fn tensors_to_calibrate(model: &ModelProto, options: &Int8Options) -> Result
     crate::graph::constants_to_initializers(&mut sorted);
     crate::graph::sort_topologically(&mut sorted)?;
     let types = infer_elem_types(&sorted, &ElemTypes::new());
-    let plan = plan(&sorted, &types, options)?;
+    let plan = plan(&sorted, &types, options, &HashMap::new())?;
     Ok(plan.tensors.into_iter().filter(|t| !plan.shares.contains_key(t)).collect())
 }
 
@@ -206,7 +218,9 @@ pub fn quantize_static(
     let mut nodes: Vec<Option<NodeProto>> = std::mem::take(&mut graph.node).into_iter().map(Some).collect();
     graph.node = order.iter().filter_map(|&i| nodes[i].take()).collect();
     let types = infer_elem_types(graph, &ElemTypes::new());
-    let plan = plan(graph, &types, options)?;
+    let first_plan = plan(graph, &types, options, &HashMap::new())?;
+    let excluded = mixed_range_exclusions(graph, &first_plan, ranges, options.max_concat_range_ratio);
+    let plan = if excluded.is_empty() { first_plan } else { plan(graph, &types, options, &excluded)? };
     let missing = plan.tensors.iter().filter(|t| !plan.shares.contains_key(*t) && !ranges.contains_key(*t)).count();
     if missing > 0 {
         return Err(Int8Error::MissingRanges(missing));
@@ -224,11 +238,7 @@ pub fn quantize_static(
     // Activation parameters, following shared tensors back to their source.
     let mut params: HashMap<String, QuantParams> = HashMap::new();
     for tensor in &plan.tensors {
-        let mut source = tensor.clone();
-        while let Some(next) = plan.shares.get(&source) {
-            source = next.clone();
-        }
-        let (mut lo, mut hi) = ranges.get(&source).copied().unwrap_or((0.0, 0.0));
+        let (mut lo, mut hi) = ranges.get(range_source(&plan, tensor)).copied().unwrap_or((0.0, 0.0));
         if options.calibration.clip_saturating_inputs && !plan.shares.contains_key(tensor) {
             let mut consumers: Vec<&str> = index.consumers(tensor).iter().map(|&c| graph.node[c].op_type()).collect();
             // A graph output is read by the caller too: never clip it.
@@ -333,7 +343,62 @@ pub fn quantize_static(
     graph
         .initializer
         .retain(|t| !index.consumers(t.name()).is_empty() || graph.output.iter().any(|o| o.name() == t.name()));
-    Ok(report)
+    crate::int8::quantize_subgraphs_dynamic(model, options, report)
+}
+
+/// The tensor whose calibrated range `tensor` uses (itself, or the source it shares with).
+fn range_source<'p>(plan: &'p Plan, tensor: &'p str) -> &'p str {
+    let mut source = tensor;
+    while let Some(next) = plan.shares.get(source) {
+        source = next;
+    }
+    source
+}
+
+/// Concats of `plan` whose inputs' calibrated ranges differ by more than `limit` (widest over
+/// narrowest), and the planned nodes that read their outputs (directly or through ops that
+/// share scales): one scale over the joined tensor would leave the narrow parts a few levels,
+/// so these stay FP32. Each input keeps the Q/DQ pair its own producer gives it.
+fn mixed_range_exclusions(graph: &GraphProto, plan: &Plan, ranges: &Ranges, limit: f32) -> HashMap<usize, SkipReason> {
+    let mut mixed: HashMap<String, String> = HashMap::new();
+    let mut excluded = HashMap::new();
+    for &position in &plan.nodes {
+        let node = &graph.node[position];
+        if node.op_type() == "Concat" {
+            let widths: Vec<(f32, &str)> = node
+                .input
+                .iter()
+                .filter_map(|input| ranges.get(range_source(plan, input)).map(|(lo, hi)| (hi - lo, input.as_str())))
+                .filter(|(width, _)| *width > 0.0)
+                .collect();
+            let widest = widths.iter().copied().fold((0f32, ""), |a, b| if b.0 > a.0 { b } else { a });
+            let narrowest = widths.iter().copied().fold((f32::INFINITY, ""), |a, b| if b.0 < a.0 { b } else { a });
+            if widths.len() >= 2 && widest.0 > limit * narrowest.0 {
+                let why = format!(
+                    "Concat inputs '{}' (range width {:.3}) and '{}' (range width {:.3}) differ {:.0}x, over max_concat_range_ratio {limit}",
+                    widest.1,
+                    widest.0,
+                    narrowest.1,
+                    narrowest.0,
+                    widest.0 / narrowest.0
+                );
+                tracing::info!(node = node.name(), "int8 static: kept FP32: {why}");
+                mixed.insert(node.output[0].clone(), node.name().to_owned());
+                excluded.insert(position, SkipReason::MixedRanges(why));
+                continue;
+            }
+        }
+        let Some((input, concat)) = node.input.iter().find_map(|i| mixed.get(i).map(|c| (i.clone(), c.clone()))) else {
+            continue;
+        };
+        if SHARING_OPS.contains(&node.op_type()) {
+            mixed.insert(node.output[0].clone(), concat.clone());
+        }
+        let why = format!("reads '{input}', which joins mixed ranges (Concat '{concat}')");
+        tracing::info!(node = node.name(), "int8 static: kept FP32: {why}");
+        excluded.insert(position, SkipReason::MixedRanges(why));
+    }
+    excluded
 }
 
 fn simple_node(name: String, op: &str, inputs: Vec<String>, output: String) -> NodeProto {

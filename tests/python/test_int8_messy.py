@@ -2,13 +2,16 @@
 weights fall back to per-tensor, with a warning), and models that are already quantized (left
 alone rather than quantized twice)."""
 
+import collections
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("MANTISSA_BIN", REPO / "target/debug/mantissa"))
@@ -65,3 +68,167 @@ def test_already_quantized_models_are_left_alone(tmp_path):
     quantize(transformer, dynamic_once, "--mode", "dynamic")
     result = quantize(dynamic_once, tmp_path / "dynamic_twice.onnx", "--mode", "dynamic")
     assert "nodes quantized:         0" in result.stdout, result.stdout
+
+
+# --- Fixture models of tests/fixtures/int8_messy (made by tests/fixtures/make_int8_fixtures.py) ---
+
+MESSY = REPO / "tests/fixtures/int8_messy"
+
+
+def policy_file(tmp_path: Path, fixture: Path, **int8: object) -> Path:
+    """A one-variant policy whose int8 section holds `int8` (static, the fixture's calibration)."""
+    lines = ["variants:", "  q:", "    precision: int8", "    int8:", "      mode: static",
+             f"      calibration_data: {fixture / 'calibration'}"]
+    lines += [f"      {key}: {str(value).lower() if isinstance(value, bool) else value}" for key, value in int8.items()]
+    path = tmp_path / "policy.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def outputs(model: Path, x: np.ndarray, one_row_at_a_time: bool = False) -> np.ndarray:
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    if one_row_at_a_time:
+        return np.concatenate([session.run(None, {"x": x[i : i + 1]})[0] for i in range(len(x))])
+    return session.run(None, {"x": x})[0]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def optimized_ops(model: Path, tmp_path: Path) -> collections.Counter:
+    """Node types of the graph ONNX Runtime runs, subgraphs included."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / f"{model.stem}_optimized.onnx")
+    ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    counter: collections.Counter = collections.Counter()
+
+    def walk(graph):
+        for node in graph.node:
+            counter[node.op_type] += 1
+            for attribute in node.attribute:
+                for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                    walk(subgraph)
+
+    walk(onnx.load(options.optimized_model_filepath).graph)
+    return counter
+
+
+def test_constant_node_weights_are_quantized(tmp_path):
+    """Exporters that store weights as Constant nodes get the same static INT8 model."""
+    model = onnx.load(str(CNN / "model.onnx"))
+    constants = [onnx.helper.make_node("Constant", [], [t.name], value=t, name=f"const_{t.name}") for t in model.graph.initializer]
+    nodes = constants + list(model.graph.node)
+    del model.graph.initializer[:]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    with_constants = tmp_path / "constants.onnx"
+    onnx.save(model, str(with_constants))
+    result = static(with_constants, tmp_path / "constants_int8.onnx")
+    reference = static(CNN / "model.onnx", tmp_path / "initializers_int8.onnx")
+    quantized_line = lambda text: re.search(r"nodes quantized:\s+(\d+)", text).group(1)
+    assert quantized_line(result.stdout) == quantized_line(reference.stdout) != "0", result.stdout
+    onnx.checker.check_model(str(tmp_path / "constants_int8.onnx"), full_check=True)
+    assert optimized_ops(tmp_path / "constants_int8.onnx", tmp_path)["QLinearConv"] >= 1
+    assert accuracy(tmp_path / "constants_int8.onnx") >= accuracy(CNN / "model.onnx") - 0.01
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "weight-only"])
+def test_matmuls_inside_if_branches_are_quantized(mode, tmp_path):
+    fixture = MESSY / "if_branches"
+    out = tmp_path / f"if_{mode}.onnx"
+    extra = ["--calibration-data", str(fixture / "calibration")] if mode == "static" else []
+    if mode == "weight-only":
+        extra = ["--weight-bits", "8", "--block-size", "32"]
+    result = quantize(fixture / "model.onnx", out, "--mode", mode, *extra)
+    assert "inside If/Loop/Scan subgraphs" in result.stderr, result.stderr
+    onnx.checker.check_model(str(out), full_check=True)
+    # Both branches' MatMuls (four, two reading main-graph weights, two reading Constant
+    # nodes of their branch) run on integer kernels.
+    expected = {"static": "DynamicQuantizeMatMul", "dynamic": "DynamicQuantizeMatMul", "weight-only": "MatMulNBits"}[mode]
+    branch_ops = collections.Counter()
+    for node in onnx.load(str(out)).graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                branch_ops.update(n.op_type for n in attribute.g.node)
+    assert branch_ops[expected] == 4 and branch_ops["MatMul"] == 0, branch_ops
+    assert optimized_ops(out, tmp_path)[expected] >= 4
+    x = np.load(fixture / "holdout.npz")["x"]
+    reference, got = outputs(fixture / "model.onnx", x, True), outputs(out, x, True)
+    then_rows = x.mean(axis=1) > 0
+    assert then_rows.any() and (~then_rows).any()
+    for rows in (then_rows, ~then_rows):
+        assert cosine(reference[rows], got[rows]) >= 0.99
+
+
+def test_conv_with_an_outlier_weight_channel_keeps_per_channel_scales(tmp_path):
+    fixture = MESSY / "edge_channel_cnn"
+    x = np.load(fixture / "holdout.npz")["x"]
+    reference = outputs(fixture / "model.onnx", x)
+
+    per_channel = tmp_path / "per_channel.onnx"
+    quantize(fixture / "model.onnx", per_channel, "--policy", str(policy_file(tmp_path, fixture)))
+    onnx.checker.check_model(str(per_channel), full_check=True)
+    model = onnx.load(str(per_channel))
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    conv1 = next(n for n in model.graph.node if n.name == "conv1")
+    weight_dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == conv1.input[1])
+    scales = initializers[weight_dq.input[1]]
+    assert scales.shape == (8,) and any(a.name == "axis" and a.i == 0 for a in weight_dq.attribute)
+    assert scales.max() / scales.min() > 20  # the outlier channel has its own scale
+    assert optimized_ops(per_channel, tmp_path)["QLinearConv"] >= 2
+    per_channel_cosine = cosine(reference, outputs(per_channel, x))
+
+    per_tensor = tmp_path / "per_tensor.onnx"
+    quantize(fixture / "model.onnx", per_tensor, "--policy", str(policy_file(tmp_path, fixture, per_channel=False)))
+    per_tensor_cosine = cosine(reference, outputs(per_tensor, x))
+    print(f"edge_channel_cnn static INT8 cosine: per-channel {per_channel_cosine:.5f}, per-tensor {per_tensor_cosine:.5f}")
+    assert per_channel_cosine >= 0.99
+    assert per_tensor_cosine < per_channel_cosine - 0.01
+
+
+def detection_outputs(model: Path) -> tuple[np.ndarray, np.ndarray]:
+    y = outputs(model, np.load(MESSY / "detection_head/holdout.npz")["x"])
+    return y[..., :4], y[..., 4:]  # boxes (pixels), class scores (0..1)
+
+
+def test_concat_of_boxes_and_scores_stays_fp32(tmp_path):
+    fixture = MESSY / "detection_head"
+    boxes, scores = detection_outputs(fixture / "model.onnx")
+    # The head's Convs are the model's last layers; quantize them too, so the Concat sits
+    # between quantized nodes.
+    guarded = tmp_path / "guarded.onnx"
+    result = quantize(fixture / "model.onnx", guarded, "--verbose",
+                      "--policy", str(policy_file(tmp_path, fixture, keep_first_and_last_layers=False)))
+    assert re.search(r"head/Concat.*mixed ranges: Concat inputs 'boxes' .* and 'scores' .* differ \d+x", result.stdout + result.stderr)
+    onnx.checker.check_model(str(guarded), full_check=True)
+    ops = optimized_ops(guarded, tmp_path)
+    assert ops["QLinearConv"] >= 3 and ops["QLinearConcat"] == 0, ops
+    guarded_boxes, guarded_scores = detection_outputs(guarded)
+    assert np.abs(guarded_scores - scores).max() < 0.05
+    assert cosine(guarded_boxes, boxes) >= 0.999
+
+    # Without the guard one scale spans hundreds of pixels and the scores collapse to a
+    # level or two: what the guard prevents.
+    shared = tmp_path / "shared.onnx"
+    quantize(fixture / "model.onnx", shared, "--policy", str(
+        policy_file(tmp_path, fixture, keep_first_and_last_layers=False, max_concat_range_ratio=1e9)))
+    assert optimized_ops(shared, tmp_path)["QLinearConcat"] == 1
+    _, shared_scores = detection_outputs(shared)
+    print(f"detection_head scores max-abs error: guarded {np.abs(guarded_scores - scores).max():.4f}, "
+          f"shared scale {np.abs(shared_scores - scores).max():.4f}")
+    assert np.abs(shared_scores - scores).max() > 0.2
+
+
+def test_concat_of_alike_ranges_runs_as_qlinearconcat(tmp_path):
+    model = onnx.load(str(MESSY / "detection_head/model.onnx"))
+    stride = next(t for t in model.graph.initializer if t.name == "stride")
+    stride.CopyFrom(onnx.numpy_helper.from_array(np.array(0.25, np.float32), "stride"))  # boxes in units of ~1
+    alike = tmp_path / "alike.onnx"
+    onnx.save(model, str(alike))
+    out = tmp_path / "alike_int8.onnx"
+    quantize(alike, out, "--policy", str(policy_file(tmp_path, MESSY / "detection_head", keep_first_and_last_layers=False)))
+    assert optimized_ops(out, tmp_path)["QLinearConcat"] == 1
+    x = np.load(MESSY / "detection_head/holdout.npz")["x"]
+    assert cosine(outputs(alike, x), outputs(out, x)) >= 0.99
