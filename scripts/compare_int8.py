@@ -51,6 +51,7 @@ import glob
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -107,8 +108,11 @@ def mantissa_env() -> dict[str, str]:
 
 
 def mantissa_cmd(model: Path, out: Path, mode: str, calibration: Path | None = None,
-                 method: str | None = None, percentile: float | None = None) -> list[str]:
+                 method: str | None = None, percentile: float | None = None,
+                 policy: Path | None = None) -> list[str]:
     cmd = [str(mantissa_binary()), "quantize", str(model), "--precision", "int8", "--mode", mode]
+    if policy:
+        cmd += ["--policy", str(policy)]
     if mode == "static":
         cmd += ["--calibration-data", str(calibration)]
         if method:
@@ -146,6 +150,9 @@ def session(model_path: Path, threads: int = 2, optimized_path: Path | None = No
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # Idle worker threads of one session must not spin while another session is timed (the
+    # variants are interleaved on the same cores).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
@@ -302,6 +309,11 @@ def convert(cmd: list[str], out: Path, log_dir: Path, timeout: float, env: dict 
     marker = [ln for ln in res["stdout"].splitlines() if ln.startswith("ORT_CONVERT_SECONDS ")]
     if marker:
         row["inproc_seconds"] = float(marker[-1].split()[1])
+    # Mantissa's own measure: peak memory of the static pass over that of FP32 inference on one
+    # calibration sample, each measured alone in the same process.
+    memory = re.search(r"peak memory: .*\(([0-9.]+)x\)", res["stdout"])
+    if memory:
+        row["calibration_memory_ratio"] = float(memory.group(1))
     if res["returncode"] != 0:
         row["error"] = f"exit {res['returncode']}: {first_error_line(res['stderr'] or res['stdout'])}"
     elif not out.is_file():
@@ -357,7 +369,7 @@ def ort_cmd(kind: str, model: Path, out: Path, calibration: Path | None = None) 
 # ---------------------------------------------------------------------------------------------
 
 def latency(sessions: dict[str, object], feed: dict[str, np.ndarray], runs: int, warmup: int,
-            rounds: int = 5) -> dict[str, float]:
+            rounds: int = 25) -> dict[str, float]:
     """Median ms per run for each session, interleaved in `rounds` rounds."""
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for key, sess in sessions.items():
@@ -367,6 +379,8 @@ def latency(sessions: dict[str, object], feed: dict[str, np.ndarray], runs: int,
     for _ in range(rounds):
         for key, sess in sessions.items():
             t = times[key]
+            for _ in range(3):  # re-warm caches after the other variants ran
+                sess.run(None, feed)
             for _ in range(per_round):
                 start = time.perf_counter()
                 sess.run(None, feed)
@@ -390,6 +404,16 @@ def evaluate_model(case: dict, args, root: Path) -> dict:
         cmd = mantissa_cmd(model, out, "static", calibration, method, args.percentile)
         variants.append({"variant": f"mantissa static {method}", "converter": "mantissa",
                          **convert(cmd, out, work / f"log_mantissa_static_{method}", args.timeout, env)})
+    # The same recipe with the first and last layers quantized too: the node coverage ORT's
+    # quantizer has, for a like-for-like latency comparison.
+    all_layers = work / "all_layers_policy.yaml"
+    all_layers.write_text("variants:\n  q:\n    precision: int8\n    int8:\n      mode: static\n"
+                          f"      calibration_data: {calibration.resolve()}\n"
+                          "      keep_first_and_last_layers: false\n")
+    out = work / "mantissa_static_minmax_all_layers.onnx"
+    cmd = mantissa_cmd(model, out, "static", calibration, "minmax", policy=all_layers)
+    variants.append({"variant": "mantissa static minmax, all layers", "converter": "mantissa",
+                     **convert(cmd, out, work / "log_mantissa_static_all_layers", args.timeout, env)})
     out = work / "mantissa_dynamic.onnx"
     variants.append({"variant": "mantissa dynamic", "converter": "mantissa",
                      **convert(mantissa_cmd(model, out, "dynamic"), out, work / "log_mantissa_dynamic",
@@ -480,7 +504,8 @@ def markdown(results: list[dict], args, baseline_kib: int | None) -> str:
     methods = {v.get("rss_method") for r in results for v in r["variants"] if v.get("rss_method")}
     rss_method = ", ".join(sorted(methods)) or "–"
     head = ("| model | variant | acc % | agree % | cosine | b1 ms | b8 ms | speedup b1 | speedup b8 | "
-            "conv s | peak MiB | size KiB | integer ops (ORT-optimized) | FP32 compute left | error |")
+            "conv s | peak MiB | calib. mem / FP32 inference | size KiB | integer ops (ORT-optimized) | "
+            "FP32 compute left | error |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         for v in r["variants"]:
@@ -497,21 +522,24 @@ def markdown(results: list[dict], args, baseline_kib: int | None) -> str:
                 f"{fmt(v.get('latency_b1_ms'), '.3f')} | {fmt(v.get('latency_b8_ms'), '.3f')} | "
                 f"{fmt(v.get('speedup_b1'), '.2f')}{'x' if v.get('speedup_b1') else ''} | "
                 f"{fmt(v.get('speedup_b8'), '.2f')}{'x' if v.get('speedup_b8') else ''} | "
-                f"{conv_s} | {peak} | {fmt(v.get('size'), '.1f', 1 / 1024)} | "
+                f"{conv_s} | {peak} | {fmt(v.get('calibration_memory_ratio'), '.2f')}"
+                f"{'x' if v.get('calibration_memory_ratio') else ''} | {fmt(v.get('size'), '.1f', 1 / 1024)} | "
                 f"{ops_text(v.get('integer_ops'))} | {ops_text(v.get('float_compute_ops'))} | {err} |")
     lines.append("")
     samples = ", ".join(f"{r['model']}: {r.get('samples', '?')}" for r in results)
     lines.append(
         f"Holdout samples ({samples}) run at batch {args.eval_batch}; cosine over all outputs, flattened. "
         f"Latency: median of {args.runs} runs after {args.warmup} warm-up, onnxruntime "
-        f"{ort_version()} CPU EP, ORT_ENABLE_ALL, intra_op_num_threads={args.threads}, variants "
+        f"{ort_version()} CPU EP, ORT_ENABLE_ALL, intra_op_num_threads={args.threads}, no spinning, variants "
         f"interleaved; speedup = FP32 median / variant median. conv s: converter subprocess wall time "
         f"(ORT: in-process quantize_* time in parentheses); peak MiB: the subprocess's ru_maxrss "
         f"({rss_method})"
         + (f" (a Python child importing onnxruntime.quantization alone peaks at "
            f"{baseline_kib / 1024:.0f} MiB)" if baseline_kib else "")
-        + ". Mantissa keeps the first and last compute layers FP32 by default; ORT quantizes all "
-        "supported ops.")
+        + ". calib. mem / FP32 inference: Mantissa's static pass (calibration, quantization) over FP32 "
+        "inference on one calibration sample, peak resident memory of each measured alone in the same "
+        "process (`mantissa quantize` prints both). Mantissa keeps the first and last compute layers FP32 "
+        "by default; ORT quantizes all supported ops, as the 'all layers' row does.")
     return "\n".join(lines)
 
 
@@ -551,7 +579,7 @@ def main() -> int:
     parser.add_argument("--methods", default="minmax",
                         help="Mantissa static calibration methods, comma-separated, or 'all' (default minmax)")
     parser.add_argument("--percentile", type=float, help="--percentile for the percentile method")
-    parser.add_argument("--runs", type=int, default=300, help="timed runs per variant and batch size")
+    parser.add_argument("--runs", type=int, default=1000, help="timed runs per variant and batch size")
     parser.add_argument("--warmup", type=int, default=50, help="warm-up runs per variant and batch size")
     parser.add_argument("--threads", type=int, default=2, help="intra_op_num_threads")
     parser.add_argument("--eval-batch", type=int, default=1, help="batch size for accuracy/cosine runs")

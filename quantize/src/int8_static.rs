@@ -20,7 +20,7 @@ use crate::calibration::{
     clip_for_consumers, int8_symmetric, per_channel_symmetric, quantize_bias_int32, uint8_asymmetric,
 };
 use crate::elem;
-use crate::graph::{GraphIndex, NameGenerator, topological_order};
+use crate::graph::{GraphIndex, NameGenerator};
 use crate::int8::{
     ActivationType, Int8Error, Int8Options, Int8Report, Selection, SkipReason, first_and_last_compute, float_tensor,
     int8_tensor,
@@ -113,14 +113,40 @@ fn plan(
         nodes.into_iter().filter(|&p| COMPUTE_OPS.contains(&graph.node[p].op_type()) || touches_quantized(p)).collect();
 
     let quantized: HashSet<usize> = nodes.iter().copied().collect();
+    let ranks = crate::ranks::infer_ranks(graph);
     let mut tensors = Vec::new();
     let mut seen = HashSet::new();
     let mut shares = HashMap::new();
+    // A compute output read only by a quantized Relu gets no pair of its own: with uint8
+    // activations the Relu's QuantizeLinear (zero point 0) clamps at zero exactly as the Relu
+    // does, so ONNX Runtime drops the Relu and fuses Conv/Gemm straight into its output
+    // quantization, without a dequantize-requantize step between them.
+    let graph_outputs: HashSet<&str> = graph.output.iter().map(|o| o.name()).collect();
+    let fused_into_relu: HashSet<&str> = if options.activation_type == ActivationType::Uint8 {
+        nodes
+            .iter()
+            .map(|&p| &graph.node[p])
+            .filter(|n| COMPUTE_OPS.contains(&n.op_type()))
+            .filter_map(|n| n.output.first())
+            .filter(|o| !graph_outputs.contains(o.as_str()))
+            .filter(|o| match index.consumers(o) {
+                &[reader] => quantized.contains(&reader) && graph.node[reader].op_type() == "Relu",
+                _ => false,
+            })
+            .map(String::as_str)
+            .collect()
+    } else {
+        HashSet::new()
+    };
     for &position in &nodes {
         let node = &graph.node[position];
         let weights = weight_inputs(node);
         for (slot, input) in node.input.iter().enumerate() {
-            if weights.contains(&slot) || !is_float(input) || initializers.contains(input.as_str()) {
+            if weights.contains(&slot)
+                || !is_float(input)
+                || initializers.contains(input.as_str())
+                || fused_into_relu.contains(input.as_str())
+            {
                 continue;
             }
             // Sharing ops: only the data input.
@@ -131,13 +157,22 @@ fn plan(
                 tensors.push(input.clone());
             }
         }
-        for output in node.output.iter().take(1).filter(|o| is_float(o)) {
+        for output in node.output.iter().take(1).filter(|o| is_float(o) && !fused_into_relu.contains(o.as_str())) {
             // An output needs a Q/DQ pair when a quantized node reads it, or when the producer
             // is a Conv (QLinearConv needs a quantized output to fuse). A MatMul/Gemm whose
             // readers all stay FP32 keeps a float output, which ONNX Runtime still runs on
             // integer kernels (MatMulIntegerToFloat) without rounding the result.
             let read_by_quantized = index.consumers(output).iter().any(|c| quantized.contains(c));
-            if !read_by_quantized && node.op_type() != "Conv" && !SHARING_OPS.contains(&node.op_type()) {
+            // A MatMul of unknown rank read by an Add may be 2-D, which ONNX Runtime would fuse
+            // into an FP32 Gemm with dequantized weights: quantizing its output prevents that.
+            let may_become_gemm = node.op_type() == "MatMul"
+                && !ranks.contains_key(&node.input[0])
+                && index.consumers(output).iter().any(|&c| graph.node[c].op_type() == "Add");
+            if !read_by_quantized
+                && !may_become_gemm
+                && node.op_type() != "Conv"
+                && !SHARING_OPS.contains(&node.op_type())
+            {
                 continue;
             }
             if seen.insert(output.clone()) {
@@ -182,11 +217,74 @@ fn compute_node_supported(graph: &GraphProto, node: &NodeProto, initializers: &H
 pub fn tensors_to_calibrate(model: &ModelProto, options: &Int8Options) -> Result<Vec<String>, Int8Error> {
     let graph = model.graph.as_ref().ok_or(Int8Error::NoGraph)?;
     let mut sorted = graph.clone();
-    crate::graph::constants_to_initializers(&mut sorted);
-    crate::graph::sort_topologically(&mut sorted)?;
+    prepare(&mut sorted)?;
     let types = infer_elem_types(&sorted, &ElemTypes::new());
     let plan = plan(&sorted, &types, options, &HashMap::new())?;
     Ok(plan.tensors.into_iter().filter(|t| !plan.shares.contains_key(t)).collect())
+}
+
+/// The FP32 rewrites both planning and quantizing start from, so both see the same graph:
+/// Constant weights become initializers, MatMul + bias Add becomes Gemm where that is exact,
+/// and nodes are sorted topologically.
+fn prepare(graph: &mut GraphProto) -> Result<(), Int8Error> {
+    crate::graph::constants_to_initializers(graph);
+    let folded = fold_bias_adds_into_gemm(graph);
+    if folded > 0 {
+        tracing::debug!(folded, "int8 static: MatMul + bias Add folded into Gemm");
+    }
+    crate::graph::sort_topologically(graph)?;
+    Ok(())
+}
+
+/// Rewrites MatMul(A, W) followed by Add(., b), with A of rank 2, W a constant [K, N] matrix
+/// and b a constant vector of N, as Gemm(A, W, b) named after the MatMul.
+///
+/// Why: ONNX Runtime fuses MatMul + Add into Gemm before it fuses Q/DQ patterns, so a
+/// quantized MatMul with a float output followed by a bias Add would end up as an FP32 Gemm
+/// dequantizing its weights on every run. As a Gemm the pass quantizes the bias to int32 and
+/// ONNX Runtime runs QGemm. Higher-rank MatMuls (transformers) are not fused by ONNX Runtime
+/// and stay as they are (MatMulIntegerToFloat).
+fn fold_bias_adds_into_gemm(graph: &mut GraphProto) -> usize {
+    let ranks = crate::ranks::infer_ranks(graph);
+    let index = GraphIndex::build(graph);
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name()).collect();
+    let initializer = |name: &str| graph.initializer.iter().find(|t| t.name() == name && t.data_type() == elem::FLOAT);
+    let mut folds: Vec<(usize, usize, String)> = Vec::new();
+    for (position, node) in graph.node.iter().enumerate() {
+        if node.op_type() != "MatMul" || !node.domain().is_empty() || node.input.len() != 2 {
+            continue;
+        }
+        let Some(weight) = initializer(&node.input[1]).filter(|w| w.dims.len() == 2) else { continue };
+        if ranks.get(&node.input[0]) != Some(&2) || outputs.contains(node.output[0].as_str()) {
+            continue;
+        }
+        let &[add] = index.consumers(&node.output[0]) else { continue };
+        let add_node = &graph.node[add];
+        if add_node.op_type() != "Add" || !add_node.domain().is_empty() || add_node.input.len() != 2 {
+            continue;
+        }
+        let bias = if add_node.input[0] == node.output[0] { &add_node.input[1] } else { &add_node.input[0] };
+        let columns = weight.dims[1];
+        let is_vector = |t: &TensorProto| t.dims == [columns] || t.dims == [1, columns];
+        if initializer(bias).is_some_and(is_vector) {
+            folds.push((position, add, bias.clone()));
+        }
+    }
+    let mut removed = HashSet::new();
+    for (position, add, bias) in &folds {
+        let output = graph.node[*add].output[0].clone();
+        let node = &mut graph.node[*position];
+        node.op_type = Some("Gemm".to_owned());
+        node.input.push(bias.clone());
+        node.output = vec![output];
+        removed.insert(*add);
+    }
+    let mut position = 0;
+    graph.node.retain(|_| {
+        position += 1;
+        !removed.contains(&(position - 1))
+    });
+    folds.len()
 }
 
 struct QuantParams {
@@ -213,10 +311,7 @@ pub fn quantize_static(
     }
     let opset = model.opset_import.iter().find(|o| o.domain().is_empty()).and_then(|o| o.version).unwrap_or(1);
     let graph = model.graph.as_mut().ok_or(Int8Error::NoGraph)?;
-    crate::graph::constants_to_initializers(graph);
-    let order = topological_order(graph)?;
-    let mut nodes: Vec<Option<NodeProto>> = std::mem::take(&mut graph.node).into_iter().map(Some).collect();
-    graph.node = order.iter().filter_map(|&i| nodes[i].take()).collect();
+    prepare(graph)?;
     let types = infer_elem_types(graph, &ElemTypes::new());
     let first_plan = plan(graph, &types, options, &HashMap::new())?;
     let excluded = mixed_range_exclusions(graph, &first_plan, ranges, options.max_concat_range_ratio);

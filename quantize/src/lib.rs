@@ -4,7 +4,7 @@
 //! - [`model_io`]: load and save models, including external-data initializers.
 //! - [`graph`]: an index of producers and consumers, topological order, unique names and the
 //!   rewrite helpers passes use.
-//! - [`types`]: element-type inference for every value of a graph.
+//! - [`types`]: element-type inference for every value of a graph; [`ranks`]: rank inference.
 //! - [`tensor`]: reading and writing initializer values.
 //! - [`fp16`]: the FP32 -> FP16 pass that keeps precision-sensitive work in FP32.
 //! - [`int8`] and [`int8_static`]: dynamic and static (QDQ) INT8; [`calibration`] holds the
@@ -18,6 +18,7 @@ pub mod graph;
 pub mod int8;
 pub mod int8_static;
 pub mod model_io;
+pub mod ranks;
 pub mod tensor;
 pub mod types;
 

@@ -62,6 +62,20 @@ pub fn load_sample(path: &Path, signature: &ModelSignature) -> Result<ValidReque
     Ok(ValidRequest { id: path.display().to_string(), inputs, outputs: Vec::new() })
 }
 
+/// Runs the FP32 model once on the first sample of `data_dir`, as inference would: the
+/// yardstick for calibration's memory (calibration must stay within twice what this takes).
+pub fn run_first_sample(environment: &Environment, model: &ModelProto, data_dir: &Path) -> Result<(), String> {
+    let file = sample_files(data_dir)?.into_iter().next().ok_or("no calibration samples")?;
+    let source = ModelSource::Memory(mantissa_quantize::to_bytes(model).into());
+    let mut session =
+        open_session(environment, &source, SessionConfig { intra_op_threads: 0, intra_op_spinning: false })?;
+    let signature = signature_of(&session, Some(0), 0)?;
+    let mut request = load_sample(&file, &signature)?;
+    request.outputs = (0..signature.outputs.len()).collect();
+    execute(&mut session, &signature, &request).map_err(|err| format!("{}: {err}", file.display()))?;
+    Ok(())
+}
+
 /// Calibrated ranges of `tensors` over every sample in `data_dir`.
 pub fn calibrate(
     environment: &Environment,

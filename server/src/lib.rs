@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod mixed_precision;
 pub mod npz;
 pub mod ort_runtime;
+pub mod peak_memory;
 pub mod quantize_cmd;
 pub mod registry;
 pub mod self_test;

@@ -7,6 +7,7 @@ use clap::{Args, ValueEnum};
 use mantissa_model_store::{DriftBudget, Policy, Precision, VariantSpec};
 
 use crate::mixed_precision::SearchReport;
+use crate::peak_memory;
 use crate::variant_build::BudgetSearch;
 use mantissa_quantize::calibration::CalibrationMethodKind;
 use mantissa_quantize::fp16::{Fp16Options, Fp16Report, convert_to_fp16};
@@ -210,6 +211,7 @@ pub fn run(args: &QuantizeArgs) -> Result<(), QuantizeError> {
         }
         PrecisionArg::Int8 => {
             let options = int8_options(args)?;
+            let mut memory = None;
             let environment = if options.mode == Int8Mode::Static {
                 // Calibration and the budget search run the model on ONNX Runtime.
                 let library = crate::ort_runtime::locate_library(args.ort_library.as_deref())
@@ -237,7 +239,17 @@ pub fn run(args: &QuantizeArgs) -> Result<(), QuantizeError> {
                 });
             let (report, searched) = match &environment {
                 Some(environment) => {
-                    crate::variant_build::quantize_int8(environment, &mut model, &options, "quantize", search)
+                    // Peak memory of FP32 inference at the calibration batch, then of the whole
+                    // static pass (calibration, quantization, search), each measured alone.
+                    let data = options.calibration_data.as_deref().unwrap_or(Path::new("."));
+                    let (inference, inference_peak) =
+                        peak_memory::measure(|| crate::calibrate::run_first_sample(environment, &model, data));
+                    inference.map_err(|err| QuantizeError(format!("{}: {err}", args.model.display())))?;
+                    let (result, static_peak) = peak_memory::measure(|| {
+                        crate::variant_build::quantize_int8(environment, &mut model, &options, "quantize", search)
+                    });
+                    memory = inference_peak.zip(static_peak);
+                    result
                 }
                 None if options.mode == Int8Mode::WeightOnly => {
                     quantize_weight_only(&mut model, &options).map(|r| (r, None)).map_err(|err| err.to_string())
@@ -245,7 +257,7 @@ pub fn run(args: &QuantizeArgs) -> Result<(), QuantizeError> {
                 None => quantize_dynamic(&mut model, &options).map(|r| (r, None)).map_err(|err| err.to_string()),
             }
             .map_err(|err| QuantizeError(format!("{}: {err}", args.model.display())))?;
-            Summary::Int8(report, options.mode, searched)
+            Summary::Int8(report, options.mode, searched, memory)
         }
     };
     let save = SaveOptions { external_file: args.external_data.clone(), threshold: 1024 };
@@ -256,7 +268,9 @@ pub fn run(args: &QuantizeArgs) -> Result<(), QuantizeError> {
 
 enum Summary {
     Fp16(Fp16Report),
-    Int8(Int8Report, Int8Mode, Option<SearchReport>),
+    /// The report, the mode, the budget search, and the peak resident bytes of FP32 inference
+    /// on one calibration sample and of the static pass (calibration included).
+    Int8(Int8Report, Int8Mode, Option<SearchReport>, Option<(u64, u64)>),
 }
 
 fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Duration) {
@@ -264,7 +278,7 @@ fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Dur
     let after = stored_size(&args.output);
     let precision = match summary {
         Summary::Fp16(_) => "fp16".to_owned(),
-        Summary::Int8(_, mode, _) => format!("int8 {mode:?}").to_lowercase(),
+        Summary::Int8(_, mode, _, _) => format!("int8 {mode:?}").to_lowercase(),
     };
     println!(
         "{} -> {} ({precision}) in {:.1} ms",
@@ -291,7 +305,7 @@ fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Dur
             );
             println!("  values clamped to ±65504: {}", report.values_clamped);
         }
-        Summary::Int8(report, _, searched) => {
+        Summary::Int8(report, _, searched, memory) => {
             if let Some(searched) = searched {
                 println!(
                     "  budget search:           plain recipe cosine {:.6} -> {:.6} with {} of {} nodes kept FP32 ({} evaluations)",
@@ -317,6 +331,15 @@ fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Dur
             }
             println!("  activations with Q/DQ:   {}", report.activations_quantized);
             println!("  weight bytes:            {} -> {}", report.weight_bytes_before, report.weight_bytes_after);
+            if let Some((inference, calibration)) = memory {
+                let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+                println!(
+                    "  peak memory:             static pass {:.1} MiB, FP32 inference at the calibration batch {:.1} MiB ({:.2}x)",
+                    mib(*calibration),
+                    mib(*inference),
+                    *calibration as f64 / (*inference).max(1) as f64
+                );
+            }
         }
     }
     let ratio = if before > 0 { after as f64 / before as f64 } else { 0.0 };

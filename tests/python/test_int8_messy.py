@@ -232,3 +232,33 @@ def test_concat_of_alike_ranges_runs_as_qlinearconcat(tmp_path):
     assert optimized_ops(out, tmp_path)["QLinearConcat"] == 1
     x = np.load(MESSY / "detection_head/holdout.npz")["x"]
     assert cosine(outputs(alike, x), outputs(out, x)) >= 0.99
+
+
+def test_two_dimensional_matmul_bias_relu_layers_run_as_qgemm(tmp_path):
+    """MatMul + bias Add on 2-D activations is folded into Gemm before quantizing, and a
+    quantized Relu takes over the Gemm's output quantization, so ONNX Runtime runs every layer
+    as one QGemm: without the fold it would fuse MatMul + Add into an FP32 Gemm that
+    dequantizes its weights on every run."""
+    fixture = REPO / "tests/fixtures/int8/outlier_mlp"
+    model = onnx.load(str(fixture / "model.onnx"))
+    # Put a Relu after every hidden layer (the fixture is linear) and quantize all layers.
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        if node.op_type == "Add" and node.output[0] != "y":
+            hidden = node.output[0]
+            node.output[0] = f"{hidden}_pre"
+            nodes.append(onnx.helper.make_node("Relu", [f"{hidden}_pre"], [hidden], name=f"{node.name}/Relu"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    mlp = tmp_path / "relu_mlp.onnx"
+    onnx.save(model, str(mlp))
+    out = tmp_path / "relu_mlp_int8.onnx"
+    quantize(mlp, out, "--policy", str(policy_file(tmp_path, fixture, keep_first_and_last_layers=False)))
+    onnx.checker.check_model(str(out), full_check=True)
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QGemm"] == 10, ops
+    assert not {"Gemm", "FusedGemm", "MatMul", "Relu"} & set(ops), ops
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0, ops
+    x = np.load(fixture / "holdout.npz")["x"]
+    assert cosine(outputs(mlp, x), outputs(out, x)) > 0.9  # the outlier channel still costs accuracy here
