@@ -181,6 +181,9 @@ pub struct DriftSettings {
 pub struct DriftBudget {
     pub min_cosine: Option<f64>,
     pub min_top1_agreement: Option<f64>,
+    /// The most of a static INT8 variant's quantized nodes the mixed-precision search may keep
+    /// in FP32 (a fraction; none: no cap). A variant that needs more misses the budget.
+    pub max_fp32_fraction: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -480,9 +483,11 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
             if !raw.variants.contains_key(&reference) {
                 return Err(error(&["drift", "reference"], format!("names unknown variant `{reference}`")));
             }
-            for (key, value) in
-                [("min_cosine", drift.budget.min_cosine), ("min_top1_agreement", drift.budget.min_top1_agreement)]
-            {
+            for (key, value) in [
+                ("min_cosine", drift.budget.min_cosine),
+                ("min_top1_agreement", drift.budget.min_top1_agreement),
+                ("max_fp32_fraction", drift.budget.max_fp32_fraction),
+            ] {
                 if let Some(value) = value
                     && !(0.0..=1.0).contains(&value)
                 {

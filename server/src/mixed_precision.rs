@@ -162,8 +162,12 @@ pub fn search(
         most_sensitive = ?ranked.iter().take(5).map(|(n, s)| (n.as_str(), s.cosine)).collect::<Vec<_>>(),
         "mixed precision: node sensitivity measured"
     );
+    // The cap on nodes kept FP32 (rounded down; all candidates without a cap).
+    let cap = budget
+        .max_fp32_fraction
+        .map_or(ranked.len(), |fraction| ((fraction * ranked.len() as f64) + 1e-9).floor() as usize);
     let mut kept = Vec::new();
-    for (name, _) in &ranked {
+    for (name, _) in ranked.iter().take(cap) {
         kept.push(name.clone());
         let (candidate, candidate_report) = quantized_with(fp32, options, ranges, &kept)?;
         let score = evaluator.score(&candidate)?;
@@ -175,6 +179,18 @@ pub fn search(
             tracing::info!(kept_fp32 = ?search.kept_fp32, cosine = score.cosine, top1 = ?score.top1, "mixed precision: budget met");
             return Ok((candidate, candidate_report, search));
         }
+    }
+    if cap < ranked.len() {
+        return Err(format!(
+            "the drift budget (min_cosine {:?}, min_top1_agreement {:?}) needs more than {cap} of {} quantized nodes in FP32 (max_fp32_fraction {}): with the {cap} most sensitive kept, cosine {:.6}, top-1 agreement {:?} (plain recipe: cosine {:.6})",
+            budget.min_cosine,
+            budget.min_top1_agreement,
+            search.candidates,
+            budget.max_fp32_fraction.unwrap_or(1.0),
+            search.cosine,
+            search.top1_agreement,
+            search.initial_cosine
+        ));
     }
     Err(format!(
         "the drift budget (min_cosine {:?}, min_top1_agreement {:?}) is missed even with all {} quantized nodes kept in FP32: cosine {:.6}, top-1 agreement {:?} (plain recipe: cosine {:.6})",

@@ -80,6 +80,10 @@ pub struct QuantizeArgs {
     /// INT8 static: minimum top-1 agreement with FP32 on --holdout for --class-output outputs.
     #[arg(long, requires = "holdout")]
     pub budget_top1: Option<f64>,
+    /// INT8 static: the most of the quantized nodes the budget search may keep in FP32 (a
+    /// fraction); needing more is a budget miss.
+    #[arg(long, requires = "holdout")]
+    pub budget_max_fp32_fraction: Option<f64>,
     /// Outputs holding class scores (for --budget-top1); repeatable.
     #[arg(long)]
     pub class_output: Vec<String>,
@@ -220,9 +224,16 @@ pub fn run(args: &QuantizeArgs) -> Result<(), QuantizeError> {
             } else {
                 None
             };
-            let budget = DriftBudget { min_cosine: args.budget_cosine, min_top1_agreement: args.budget_top1 };
-            for (flag, value) in [("--budget-cosine", budget.min_cosine), ("--budget-top1", budget.min_top1_agreement)]
-            {
+            let budget = DriftBudget {
+                min_cosine: args.budget_cosine,
+                min_top1_agreement: args.budget_top1,
+                max_fp32_fraction: args.budget_max_fp32_fraction,
+            };
+            for (flag, value) in [
+                ("--budget-cosine", budget.min_cosine),
+                ("--budget-top1", budget.min_top1_agreement),
+                ("--budget-max-fp32-fraction", budget.max_fp32_fraction),
+            ] {
                 if let Some(value) = value.filter(|v| !(0.0..=1.0).contains(v)) {
                     return Err(QuantizeError(format!("{flag}: expected a value in [0, 1], got {value}")));
                 }

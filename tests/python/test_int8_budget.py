@@ -107,3 +107,38 @@ def test_block_wise_weight_only_runs_on_matmulnbits(tmp_path, bits, block_size, 
     print(f"weight-only int{bits} block {block_size} symmetric={symmetric}: cosine {cosine:.6f}, accuracy {accuracy:.4f}")
     assert cosine >= 0.99
     assert out.stat().st_size < model.stat().st_size * 0.6
+
+
+def test_a_budget_the_capped_search_cannot_meet_fails_clearly(tmp_path):
+    """When meeting the budget would keep more nodes FP32 than max_fp32_fraction allows, the
+    quantizer fails with the figures instead of writing a worse model."""
+    env = dict(os.environ, ORT_DYLIB_PATH=str(ORT_LIB), RUST_BACKTRACE="0")
+    out = tmp_path / "never.onnx"
+    args = [str(BIN), "quantize", str(FIXTURE / "model.onnx"), "--precision", "int8", "--policy", str(FIXTURE / "policy.yaml"),
+            "--holdout", str(FIXTURE / "holdout.npz"), "--budget-cosine", "0.99", "--budget-max-fp32-fraction", "0.05",
+            "-o", str(out)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0
+    assert re.search(r"needs more than 0 of 10 quantized nodes in FP32 \(max_fp32_fraction 0\.05\): "
+                     r"with the 0 most sensitive kept, cosine 0\.\d+", result.stderr), result.stderr
+    assert not out.exists()
+
+
+def test_the_server_reports_a_missed_budget_as_not_ready(tmp_path, start_mantissa):
+    store = tmp_path / "store"
+    model_dir = store / "outlier_mlp"
+    model_dir.mkdir(parents=True)
+    for name in ("model.onnx", "holdout.npz"):
+        (model_dir / name).write_bytes((FIXTURE / name).read_bytes())
+    (model_dir / "calibration").mkdir()
+    for sample in (FIXTURE / "calibration").iterdir():
+        (model_dir / "calibration" / sample.name).write_bytes(sample.read_bytes())
+    policy = (FIXTURE / "policy.yaml").read_text().replace("    min_cosine: 0.99", "    min_cosine: 0.99\n    max_fp32_fraction: 0.05")
+    (model_dir / "policy.yaml").write_text(policy)
+    server = start_mantissa(store)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    assert client.is_model_ready("outlier_mlp", "fp32")
+    assert not client.is_model_ready("outlier_mlp", "int8")
+    index = {(m["name"], m.get("version")): m for m in client.get_model_repository_index(as_json=True)["models"]}
+    reason = index[("outlier_mlp", "int8")].get("reason", "")
+    assert "max_fp32_fraction 0.05" in reason, index
