@@ -78,6 +78,10 @@ pub struct Int8Options {
     pub calibration_data: Option<std::path::PathBuf>,
     /// Static mode: how activation ranges are calibrated.
     pub calibration: CalibrationOptions,
+    /// Embedding tables (Gather on a constant [V, D] float matrix) stored as int8 with one
+    /// scale per row, dequantized after the lookup. Off by default: embeddings are a model end
+    /// and stay FP32 under the precision rules unless asked.
+    pub quantize_embeddings: bool,
     /// Static mode: a Concat whose inputs' calibrated ranges differ by more than this factor
     /// (widest over narrowest) stays FP32, and so do the nodes reading its output, because one
     /// shared scale would crush its narrow-range inputs (box coordinates beside class scores).
@@ -104,6 +108,7 @@ impl Default for Int8Options {
             calibration_data: None,
             calibration: CalibrationOptions::default(),
             max_concat_range_ratio: 10.0,
+            quantize_embeddings: false,
             weight_bits: 4,
             block_size: 128,
             weight_symmetric: true,
@@ -531,6 +536,9 @@ fn quantize_dynamic_within(
         };
     let top = Scope { layers: Vec::new() };
     let replaced = rewrite_linear_nodes(graph, &top, (reach, &selection), &mut names, &mut report, &mut rewrite);
+    if options.quantize_embeddings {
+        quantize_embedding_tables(graph, &selection, &mut names, &mut report);
+    }
     let absorbed = absorb_bias_adds(graph);
     if absorbed > 0 {
         tracing::debug!(absorbed, "int8 dynamic: bias Adds moved into DynamicQuantizeMatMul");
@@ -540,6 +548,101 @@ fn quantize_dynamic_within(
     let rewrote_any = report.quantized.len() > quantized_before;
     finish_contrib_rewrite(model, &replaced, rewrote_any);
     Ok(report)
+}
+
+/// Stores the tables of embedding lookups (Gather along axis 0 of a constant [V, D] float
+/// matrix) as int8 with a symmetric scale per row: Gather(int8 table) -> Cast -> Mul by the
+/// gathered row scales. A table read by other nodes too, or the op/node rules exclude, stays.
+fn quantize_embedding_tables(
+    graph: &mut GraphProto,
+    selection: &Selection,
+    names: &mut NameGenerator,
+    report: &mut Int8Report,
+) {
+    let index = GraphIndex::build(graph);
+    let none = HashSet::new();
+    let mut rebuilt = Vec::with_capacity(graph.node.len());
+    let mut new_initializers = Vec::new();
+    let mut replaced: HashSet<String> = HashSet::new();
+    let mut quantized_tables: std::collections::HashMap<String, (String, String)> = Default::default();
+    for (position, node) in graph.node.iter().enumerate() {
+        let table_name = node.input.first().cloned().unwrap_or_default();
+        let table = graph
+            .initializer
+            .iter()
+            .find(|t| t.name() == table_name && t.data_type() == elem::FLOAT && t.dims.len() == 2);
+        let only_lookups = index.consumers(&table_name).iter().all(|&c| graph.node[c].op_type() == "Gather");
+        let eligible = node.op_type() == "Gather"
+            && node.domain().is_empty()
+            && int_attribute(node, "axis", 0) == 0
+            && table.is_some()
+            && only_lookups;
+        if !eligible {
+            rebuilt.push(node.clone());
+            continue;
+        }
+        if let Some(reason) = selection.skip_reason(node, &none, &none, position) {
+            report.skipped.push((node.name().to_owned(), "Gather".to_owned(), reason));
+            rebuilt.push(node.clone());
+            continue;
+        }
+        let Some(values) = table.and_then(f32_values) else {
+            rebuilt.push(node.clone());
+            continue;
+        };
+        let Some((rows, columns)) = table.map(|t| (t.dims[0], t.dims[1])) else { continue };
+        let (int8_name, scales_name) = quantized_tables
+            .entry(table_name.clone())
+            .or_insert_with(|| {
+                let (scales, quantized) = per_channel_symmetric(&values, &[rows as usize, columns as usize], 0, false);
+                let int8_name = names.fresh(&format!("{table_name}_int8"));
+                let scales_name = names.fresh(&format!("{table_name}_row_scales"));
+                new_initializers.push(int8_tensor(&int8_name, vec![rows, columns], &quantized));
+                new_initializers.push(float_tensor(&scales_name, vec![rows, 1], &scales));
+                report.weight_bytes_before += values.len() * 4;
+                report.weight_bytes_after += quantized.len() + scales.len() * 4;
+                (int8_name, scales_name)
+            })
+            .clone();
+        let base = if node.name().is_empty() { node.output[0].clone() } else { node.name().to_owned() };
+        let indices = node.input[1].clone();
+        let codes = names.fresh(&format!("{base}_int8_rows"));
+        let floats = names.fresh(&format!("{base}_rows_float"));
+        let row_scales = names.fresh(&format!("{base}_row_scales"));
+        let plain = |op: &str, name: String, input: Vec<String>, output: String| NodeProto {
+            name: Some(name),
+            op_type: Some(op.to_owned()),
+            input,
+            output: vec![output],
+            ..Default::default()
+        };
+        rebuilt.push(plain("Gather", base.clone(), vec![int8_name, indices.clone()], codes.clone()));
+        rebuilt.push(plain(
+            "Gather",
+            names.fresh(&format!("{base}_scales")),
+            vec![scales_name, indices],
+            row_scales.clone(),
+        ));
+        let mut cast = plain("Cast", names.fresh(&format!("{base}_cast")), vec![codes], floats.clone());
+        cast.attribute.push(AttributeProto {
+            name: Some("to".to_owned()),
+            r#type: Some(2),
+            i: Some(i64::from(elem::FLOAT)),
+            ..Default::default()
+        });
+        rebuilt.push(cast);
+        rebuilt.push(plain(
+            "Mul",
+            names.fresh(&format!("{base}_dequantize")),
+            vec![floats, row_scales],
+            node.output[0].clone(),
+        ));
+        report.quantized.push((node.name().to_owned(), "Gather".to_owned()));
+        replaced.insert(table_name);
+    }
+    graph.node = rebuilt;
+    graph.initializer.extend(new_initializers);
+    drop_unread_initializers(graph, &replaced);
 }
 
 /// Moves an Add of a constant bias vector that alone reads a DynamicQuantizeMatMul's output
@@ -749,6 +852,9 @@ pub fn quantize_weight_only(model: &mut ModelProto, options: &Int8Options) -> Re
     let top = Scope { layers: Vec::new() };
     let replaced =
         rewrite_linear_nodes(graph, &top, (Reach::Everywhere, &selection), &mut names, &mut report, &mut rewrite);
+    if options.quantize_embeddings {
+        quantize_embedding_tables(graph, &selection, &mut names, &mut report);
+    }
     report.weight_bytes_before += bytes_before;
     report.weight_bytes_after += bytes_after;
     let rewrote_any = !report.quantized.is_empty();

@@ -87,6 +87,9 @@ pub struct QuantizeArgs {
     /// Outputs holding class scores (for --budget-top1); repeatable.
     #[arg(long)]
     pub class_output: Vec<String>,
+    /// INT8: store embedding tables (Gather on a constant matrix) as int8 with a scale per row.
+    #[arg(long)]
+    pub quantize_embeddings: bool,
     /// INT8 weight-only: bits per weight (4 or 8).
     #[arg(long)]
     pub weight_bits: Option<u8>,
@@ -171,6 +174,9 @@ fn int8_options(args: &QuantizeArgs) -> Result<Int8Options, QuantizeError> {
     }
     if let Some(percentile) = args.percentile {
         options.calibration.percentile = percentile;
+    }
+    if args.quantize_embeddings {
+        options.quantize_embeddings = true;
     }
     if let Some(bits) = args.weight_bits {
         options.weight_bits = bits;

@@ -262,3 +262,21 @@ def test_two_dimensional_matmul_bias_relu_layers_run_as_qgemm(tmp_path):
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0, ops
     x = np.load(fixture / "holdout.npz")["x"]
     assert cosine(outputs(mlp, x), outputs(out, x)) > 0.9  # the outlier channel still costs accuracy here
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_embedding_tables_are_stored_as_int8_when_asked(mode, tmp_path):
+    transformer = REPO / "examples/models/digits_transformer"
+    out = tmp_path / f"embeddings_{mode}.onnx"
+    extra = ["--calibration-data", str(transformer / "calibration")] if mode == "static" else []
+    result = quantize(transformer / "model.onnx", out, "--mode", mode, "--quantize-embeddings", "--verbose", *extra)
+    assert "quantized /pos/Gather (Gather)" in result.stdout, result.stdout
+    onnx.checker.check_model(str(out), full_check=True)
+    model = onnx.load(str(out))
+    tables = {t.name: t for t in model.graph.initializer}
+    lookup = next(n for n in model.graph.node if n.name == "/pos/Gather")
+    assert tables[lookup.input[0]].data_type == onnx.TensorProto.INT8
+    assert "pos.weight" not in tables  # the FP32 table is gone
+    data = np.load(transformer / "test_data.npz")["input"]
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": data})[0]
+    assert cosine(run(transformer / "model.onnx"), run(out)) >= 0.99
