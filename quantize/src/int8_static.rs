@@ -100,17 +100,35 @@ fn plan(
         }
         nodes.push(position);
     }
-    // Data-movement and activation ops are worth quantizing only next to quantized compute:
-    // keep those whose input comes from a quantized node (or feeds one), dropping the rest.
+    // Data-movement and activation ops are worth quantizing only next to quantized work.
+    // Ops that share scales (free once fused) stay when they read from or feed a quantized
+    // node; ops with their own range (Relu, pooling, Concat) only when they read from one,
+    // since after an FP32 producer they would just add a quantize-dequantize round trip.
+    // Dropping one can strand another, so this repeats until nothing changes.
     let index = GraphIndex::build(graph);
-    let quantized: HashSet<usize> = nodes.iter().copied().collect();
-    let touches_quantized = |position: usize| {
-        let node = &graph.node[position];
-        node.input.iter().filter_map(|i| index.producer(i)).any(|p| quantized.contains(&p))
-            || node.output.iter().flat_map(|o| index.consumers(o)).any(|c| quantized.contains(c))
-    };
-    let nodes: Vec<usize> =
-        nodes.into_iter().filter(|&p| COMPUTE_OPS.contains(&graph.node[p].op_type()) || touches_quantized(p)).collect();
+    let mut nodes = nodes;
+    loop {
+        let quantized: HashSet<usize> = nodes.iter().copied().collect();
+        let reads_quantized =
+            |node: &NodeProto| node.input.iter().filter_map(|i| index.producer(i)).any(|p| quantized.contains(&p));
+        let feeds_quantized =
+            |node: &NodeProto| node.output.iter().flat_map(|o| index.consumers(o)).any(|c| quantized.contains(c));
+        let kept: Vec<usize> = nodes
+            .iter()
+            .copied()
+            .filter(|&p| {
+                let node = &graph.node[p];
+                let op = node.op_type();
+                COMPUTE_OPS.contains(&op)
+                    || (SHARING_OPS.contains(&op) && (reads_quantized(node) || feeds_quantized(node)))
+                    || (RANGED_OPS.contains(&op) && reads_quantized(node))
+            })
+            .collect();
+        if kept.len() == nodes.len() {
+            break;
+        }
+        nodes = kept;
+    }
 
     let quantized: HashSet<usize> = nodes.iter().copied().collect();
     let ranks = crate::ranks::infer_ranks(graph);
@@ -130,7 +148,13 @@ fn plan(
             .filter_map(|n| n.output.first())
             .filter(|o| !graph_outputs.contains(o.as_str()))
             .filter(|o| match index.consumers(o) {
-                &[reader] => quantized.contains(&reader) && graph.node[reader].op_type() == "Relu",
+                // The Relu must quantize its own output, i.e. a quantized node reads it.
+                &[reader] => {
+                    let relu = &graph.node[reader];
+                    quantized.contains(&reader)
+                        && relu.op_type() == "Relu"
+                        && index.consumers(&relu.output[0]).iter().any(|c| quantized.contains(c))
+                }
                 _ => false,
             })
             .map(String::as_str)
