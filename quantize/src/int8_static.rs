@@ -106,7 +106,6 @@ fn plan(
     // since after an FP32 producer they would just add a quantize-dequantize round trip.
     // Dropping one can strand another, so this repeats until nothing changes.
     let index = GraphIndex::build(graph);
-    let mut nodes = nodes;
     loop {
         let quantized: HashSet<usize> = nodes.iter().copied().collect();
         let reads_quantized =
