@@ -143,9 +143,10 @@ pub struct InputReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct SpreadReport {
     pub tensor: String,
-    /// `weight` or `activation`.
+    /// `weight`, `activation`, or `concat` (the output of a Concat, its inputs as channels).
     pub kind: &'static str,
-    /// The Conv/MatMul/Gemm node that reads the tensor (the first, when several do).
+    /// The Conv/MatMul/Gemm node that reads the tensor (the first, when several do); for
+    /// `concat` rows the Concat that writes it.
     pub node: String,
     pub op: String,
     pub axis: Option<usize>,
@@ -154,7 +155,9 @@ pub struct SpreadReport {
     /// Width of the widest channel's range (with 0 included, as quantization ranges are).
     pub widest_range: f64,
     pub median_range: f64,
-    /// Widest over median; `null` when the median channel is constant at 0.
+    pub narrowest_range: f64,
+    /// Widest over median (`concat` rows: widest over narrowest input); `null` when that
+    /// denominator is 0.
     pub ratio: Option<f64>,
     pub flagged: bool,
 }
@@ -250,9 +253,11 @@ or export the model on normalized data.",
 const SPREAD: About = About {
     title: "Per-channel range spread",
     why: "One per-tensor scale must cover the widest channel, so channels with much narrower ranges get only a few \
-of the 256 levels (precision-rules 1.2). Ratio = widest channel range / median channel range.",
+of the 256 levels (precision-rules 1.2). Ratio = widest channel range / median channel range; for a Concat's \
+output (kind concat, its inputs as channels, e.g. box coordinates beside class scores) widest / narrowest input.",
     suggestion: "Quantize flagged tensors per channel along that axis (int8 per_channel: true, the default, does \
-this for weights) or keep them in FP32/FP16 (int8 nodes_exclude on the node that reads them).",
+this for weights) or keep them in FP32/FP16 (int8 nodes_exclude on the node that reads them). Static INT8 keeps a \
+flagged Concat and its readers in FP32 by itself (int8 max_concat_range_ratio).",
 };
 const DEAD: About = About {
     title: "Dead channels (ReLU/Clip)",
@@ -383,7 +388,10 @@ fn spread_report(
     let (widest_channel, widest_range) =
         widths.iter().copied().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap_or((0, 0.0));
     let median_range = median(widths);
-    let ratio = (median_range > 0.0).then(|| widest_range / median_range);
+    let narrowest_range = widths.iter().copied().fold(f64::INFINITY, f64::min).min(widest_range);
+    // A Concat's inputs get one scale if quantized together: what matters is the narrowest.
+    let denominator = if kind == "concat" { narrowest_range } else { median_range };
+    let ratio = (denominator > 0.0).then(|| widest_range / denominator);
     let flagged = match ratio {
         Some(ratio) => ratio > SPREAD_RATIO_LIMIT,
         None => widest_range > 0.0,
@@ -398,8 +406,37 @@ fn spread_report(
         widest_channel,
         widest_range,
         median_range,
+        narrowest_range,
         ratio,
         flagged,
+    }
+}
+
+/// Ranges of each input of a Concat (0 included, as quantization ranges are).
+struct JoinTracker {
+    node: NodeProto,
+    inputs: Vec<String>,
+    ranges: Vec<(f32, f32)>,
+}
+
+impl JoinTracker {
+    fn observe(&mut self, sample: &Sample) {
+        for (input, range) in self.inputs.iter().zip(self.ranges.iter_mut()) {
+            if let Some(observed) = sample.get(input) {
+                for &value in observed.values.iter().filter(|v| v.is_finite()) {
+                    range.0 = range.0.min(value);
+                    range.1 = range.1.max(value);
+                }
+            }
+        }
+    }
+
+    fn report(&self) -> SpreadReport {
+        let widths: Vec<f64> = self.ranges.iter().map(|(lo, hi)| f64::from(hi - lo)).collect();
+        let axis = mantissa_quantize::types::attribute(&self.node, "axis")
+            .and_then(|a| a.i)
+            .and_then(|a| usize::try_from(a).ok());
+        spread_report(self.node.output.first().map_or("", String::as_str), "concat", &self.node, axis, &widths)
     }
 }
 
@@ -800,6 +837,7 @@ pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
     let mut activation_spread: Vec<ActivationSpreadTracker> = Vec::new();
     let mut dead: Vec<DeadTracker> = Vec::new();
     let mut saturation: Vec<SaturationTracker> = Vec::new();
+    let mut joins: Vec<JoinTracker> = Vec::new();
     let mut compute_nodes: Vec<&NodeProto> = Vec::new();
     let mut watched: Vec<String> = Vec::new();
     let watch = |name: &str, watched: &mut Vec<String>| {
@@ -847,6 +885,16 @@ pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
                     all_high: Vec::new(),
                     seen: false,
                 });
+            }
+            "Concat" => {
+                let inputs: Vec<String> = node.input.iter().filter(|i| observable(i)).cloned().collect();
+                if inputs.len() >= 2 {
+                    for input in &inputs {
+                        watch(input, &mut watched);
+                    }
+                    let ranges = vec![(0.0, 0.0); inputs.len()];
+                    joins.push(JoinTracker { node: node.clone(), inputs, ranges });
+                }
             }
             "Sigmoid" | "Tanh" => {
                 let Some(input) = node.input.first().filter(|i| observable(i)) else { continue };
@@ -956,6 +1004,9 @@ pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
                 tracker.observe(observed);
             }
         }
+        for tracker in &mut joins {
+            tracker.observe(&sample);
+        }
         if maccs.is_none() {
             let nodes: Vec<MaccsNode> = compute_nodes
                 .iter()
@@ -1006,6 +1057,7 @@ pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
     spread_rows.extend(activation_spread.iter().filter_map(|t| {
         t.ranges.as_ref().map(|ranges| spread_report(&t.tensor, "activation", &t.node, t.axis, &ranges.widths()))
     }));
+    spread_rows.extend(joins.iter().map(JoinTracker::report));
 
     Ok(Report {
         model: args.model.display().to_string(),
@@ -1164,12 +1216,17 @@ pub fn render(report: &Report) -> String {
                 s.channels.to_string(),
                 number(s.widest_range),
                 number(s.median_range),
+                number(s.narrowest_range),
                 s.ratio.map_or_else(|| "inf".to_owned(), |r| format!("{r:.2}")),
                 flag(s.flagged).to_owned(),
             ]
         })
         .collect();
-    table(&mut out, &["tensor", "kind", "read by", "axis", "channels", "widest", "median", "ratio", "status"], &rows);
+    table(
+        &mut out,
+        &["tensor", "kind", "node", "axis", "channels", "widest", "median", "narrowest", "ratio", "status"],
+        &rows,
+    );
 
     let section = &report.dead_channels;
     heading(&mut out, 3, &section.about, Some(section.flagged));

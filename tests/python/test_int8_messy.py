@@ -331,3 +331,18 @@ def test_unsupported_nodes_stay_fp32_with_the_reason(tmp_path):
     feed = {"x": rng.standard_normal((3, 1, 8, 8)).astype(np.float32), "w": rng.standard_normal((4, 4, 3, 3)).astype(np.float32)}
     run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     assert cosine(run(path), run(out)) >= 0.99
+
+
+def test_analyze_flags_the_mixed_range_concat(tmp_path):
+    import json
+
+    fixture = MESSY / "detection_head"
+    args = [str(BIN), "analyze", str(fixture / "model.onnx"), "--data", str(fixture / "calibration"), "--json"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["channel_spread"]["items"]
+    joined = next(r for r in rows if r["kind"] == "concat")
+    assert (joined["tensor"], joined["node"], joined["channels"], joined["axis"]) == ("joined", "head/Concat", 2, 1)
+    assert joined["flagged"] and joined["ratio"] > 10
+    assert joined["ratio"] == pytest.approx(joined["widest_range"] / joined["narrowest_range"])
+    assert not any(r["flagged"] for r in rows if r["kind"] != "concat")
