@@ -13,7 +13,7 @@ use ort::environment::Environment;
 
 use crate::contents::TensorData;
 use crate::datatype::DataType;
-use crate::executor::{SessionConfig, execute, open_session, signature_of};
+use crate::executor::{SessionConfig, execute, execute_visit, open_session, signature_of};
 use crate::npz::read_inputs;
 use crate::signature::ModelSignature;
 use crate::validation::{ValidInput, ValidRequest};
@@ -76,7 +76,18 @@ pub fn run_first_sample(environment: &Environment, model: &ModelProto, data_dir:
     Ok(())
 }
 
+/// Extra outputs one calibration run may return at least (the larger of this and the largest
+/// tensor seen). ONNX Runtime keeps every declared graph output alive until a run ends, so a
+/// model probed for all its tensors at once would hold all its activations together; in
+/// groups of this size, calibration stays within about twice the memory of inference.
+const GROUP_FLOOR_BYTES: usize = 8 << 20;
+
 /// Calibrated ranges of `tensors` over every sample in `data_dir`.
+///
+/// Tensors are observed in groups, one ONNX Runtime session per group declaring only that
+/// group's tensors as outputs, each group running over every sample. The first group holds
+/// one tensor; later groups are sized from the largest tensor seen so far, so their outputs
+/// together stay near `max(largest tensor, GROUP_FLOOR_BYTES)`. Small models fit in two groups.
 pub fn calibrate(
     environment: &Environment,
     model: &ModelProto,
@@ -87,6 +98,64 @@ pub fn calibrate(
 ) -> Result<Ranges, String> {
     let started = Instant::now();
     let files = sample_files(data_dir)?;
+    let mut statistics: HashMap<String, TensorStatistics> =
+        tensors.iter().map(|t| (t.clone(), TensorStatistics::new(options.bins))).collect();
+    let mut pending = tensors;
+    let mut largest = 0usize;
+    let mut group_len = 1;
+    let mut groups = 0;
+    while !pending.is_empty() {
+        let (group, rest) = pending.split_at(group_len.min(pending.len()));
+        groups += 1;
+        let mut session = probe_session(environment, model, group)?;
+        let signature = signature_of(&session, Some(0), 0)?;
+        let wanted: Vec<usize> = group
+            .iter()
+            .map(|t| {
+                signature
+                    .outputs
+                    .iter()
+                    .position(|o| &o.name == t)
+                    .ok_or_else(|| format!("tensor '{t}' is not observable"))
+            })
+            .collect::<Result<_, _>>()?;
+        for (done, file) in files.iter().enumerate() {
+            let mut request = load_sample(file, &signature)?;
+            request.outputs = wanted.clone();
+            execute_visit(&mut session, &signature, &request, |name, bytes| {
+                largest = largest.max(bytes.len());
+                if let Some(stats) = statistics.get_mut(name) {
+                    observe_le_f32(stats, bytes);
+                }
+            })
+            .map_err(|err| format!("{}: {err}", file.display()))?;
+            tracing::info!(
+                variant = label,
+                pass = "int8 calibration",
+                group = groups,
+                tensors_done = tensors.len() - rest.len(),
+                tensors_total = tensors.len(),
+                samples_done = done + 1,
+                samples_total = files.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "calibrating"
+            );
+        }
+        drop(session);
+        crate::peak_memory::release_free_memory();
+        pending = rest;
+        group_len = (largest.max(GROUP_FLOOR_BYTES) / largest.max(1)).max(1);
+    }
+    let method = options.method();
+    Ok(statistics.into_iter().map(|(name, stats)| (name, stats.range_with(method, options.symmetric))).collect())
+}
+
+/// A session over `model` with `tensors` declared as extra float outputs.
+fn probe_session(
+    environment: &Environment,
+    model: &ModelProto,
+    tensors: &[String],
+) -> Result<ort::session::Session, String> {
     let mut probe = model.clone();
     let graph = probe.graph.as_mut().ok_or("model has no graph")?;
     for tensor in tensors {
@@ -101,40 +170,17 @@ pub fn calibrate(
             });
         }
     }
-    let bytes = mantissa_quantize::to_bytes(&probe);
-    let source = ModelSource::Memory(bytes.into());
-    let mut session =
-        open_session(environment, &source, SessionConfig { intra_op_threads: 0, intra_op_spinning: false })?;
-    let signature = signature_of(&session, Some(0), 0)?;
-    let wanted: Vec<usize> = tensors
-        .iter()
-        .map(|t| {
-            signature.outputs.iter().position(|o| &o.name == t).ok_or_else(|| format!("tensor '{t}' is not observable"))
-        })
-        .collect::<Result<_, _>>()?;
-    let mut statistics: HashMap<String, TensorStatistics> =
-        tensors.iter().map(|t| (t.clone(), TensorStatistics::new(options.bins))).collect();
-    for (done, file) in files.iter().enumerate() {
-        let mut request = load_sample(file, &signature)?;
-        request.outputs = wanted.clone();
-        let outputs =
-            execute(&mut session, &signature, &request).map_err(|err| format!("{}: {err}", file.display()))?;
-        for output in outputs {
-            let values: Vec<f32> =
-                output.raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            if let Some(stats) = statistics.get_mut(&output.name) {
-                stats.observe(&values);
-            }
-        }
-        tracing::info!(
-            variant = label,
-            pass = "int8 calibration",
-            samples_done = done + 1,
-            samples_total = files.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "calibrating"
-        );
+    let source = ModelSource::Memory(mantissa_quantize::to_bytes(&probe).into());
+    open_session(environment, &source, SessionConfig { intra_op_threads: 0, intra_op_spinning: false })
+}
+
+/// Streams little-endian f32 bytes into `stats` a block at a time, without a full copy.
+fn observe_le_f32(stats: &mut TensorStatistics, raw: &[u8]) {
+    const BLOCK: usize = 16 * 1024;
+    let mut values = Vec::with_capacity(BLOCK);
+    for chunk in raw.chunks(BLOCK * 4) {
+        values.clear();
+        values.extend(chunk.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        stats.observe(&values);
     }
-    let method = options.method();
-    Ok(statistics.into_iter().map(|(name, stats)| (name, stats.range_with(method, options.symmetric))).collect())
 }

@@ -169,6 +169,39 @@ pub fn execute_timed(
     Ok((tensors, timings))
 }
 
+/// Runs `request` and hands each requested output's bytes (little-endian, as the model's
+/// element type) to `visit` in place, without copying them: for calibration, which streams
+/// large activations into statistics. BYTES outputs are not supported.
+pub fn execute_visit(
+    session: &mut Session,
+    signature: &ModelSignature,
+    request: &ValidRequest,
+    mut visit: impl FnMut(&str, &[u8]),
+) -> Result<(), ServeError> {
+    let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(request.inputs.len());
+    for (spec, input) in signature.inputs.iter().zip(&request.inputs) {
+        let value = input_value(input).map_err(|err| ServeError::Execution(format!("input '{}': {err}", spec.name)))?;
+        inputs.push((spec.name.as_str(), value.into()));
+    }
+    let outputs = session.run(inputs).map_err(|err| ServeError::Execution(err.to_string()))?;
+    for &index in &request.outputs {
+        let spec = &signature.outputs[index];
+        let fail = |why: String| ServeError::Execution(format!("output '{}': {why}", spec.name));
+        if spec.datatype == DataType::Bytes {
+            return Err(fail("BYTES outputs cannot be visited in place".to_owned()));
+        }
+        let value = outputs.get(&spec.name).ok_or_else(|| fail("missing from the run".to_owned()))?;
+        let tensor = value.view().downcast::<ort::value::DynTensorValueType>().map_err(|err| fail(err.to_string()))?;
+        let size = tensor.size().unwrap_or(0);
+        let pointer = tensor.data_ptr().cast::<u8>();
+        if size > 0 && !pointer.is_null() {
+            // SAFETY: a CPU tensor's buffer holds `size` bytes and lives as long as `outputs`.
+            visit(&spec.name, unsafe { std::slice::from_raw_parts(pointer, size) });
+        }
+    }
+    Ok(())
+}
+
 /// A request of zeros (empty strings for BYTES) with batch 1 and every dynamic dimension 1,
 /// used to warm a session before it is reported ready.
 pub fn warmup_request(signature: &ModelSignature) -> ValidRequest {

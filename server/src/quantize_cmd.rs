@@ -262,6 +262,7 @@ pub fn run(args: &QuantizeArgs) -> Result<(), QuantizeError> {
                     let (inference, inference_peak) =
                         peak_memory::measure(|| crate::calibrate::run_first_sample(environment, &model, data));
                     inference.map_err(|err| QuantizeError(format!("{}: {err}", args.model.display())))?;
+                    peak_memory::release_free_memory();
                     let (result, static_peak) = peak_memory::measure(|| {
                         crate::variant_build::quantize_int8(environment, &mut model, &options, "quantize", search)
                     });

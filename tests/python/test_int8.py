@@ -287,3 +287,39 @@ def test_int8_static_rejects_bad_calibration_data(case, mantissa_int8, tmp_path)
             f"{case}: stderr does not say what is wrong (one of {problem_words}):\n{stderr[-3000:]}")
     assert not out.exists(), f"{case}: {out} was written although the conversion failed"
     assert list(out.parent.iterdir()) == [], f"{case}: files left behind: {list(out.parent.iterdir())}"
+
+
+def test_static_calibration_memory_stays_within_twice_fp32_inference(tmp_path):
+    """A model whose activations dwarf its weights (8 Convs over 64x64 maps, 16 images per
+    calibration file: 8 MiB per tensor) calibrates in tensor groups, so the static pass peaks
+    within 2x the memory of FP32 inference on one calibration file (both measured by
+    `mantissa quantize` itself)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    nodes, initializers, previous = [], [], "x"
+    for layer in range(8):
+        channels_in = 3 if layer == 0 else 32
+        weight = (rng.standard_normal((32, channels_in, 3, 3)) * np.sqrt(2 / (channels_in * 9))).astype(np.float32)
+        initializers += [numpy_helper.from_array(weight, f"w{layer}"), numpy_helper.from_array(np.zeros(32, np.float32), f"b{layer}")]
+        nodes += [helper.make_node("Conv", [previous, f"w{layer}", f"b{layer}"], [f"c{layer}"], pads=[1, 1, 1, 1], name=f"conv{layer}"),
+                  helper.make_node("Relu", [f"c{layer}"], [f"r{layer}"], name=f"relu{layer}")]
+        previous = f"r{layer}"
+    nodes += [helper.make_node("GlobalAveragePool", [previous], ["y"], name="pool")]
+    graph = helper.make_graph(nodes, "wide_maps", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32, 1, 1])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    (tmp_path / "calibration").mkdir()
+    for index in range(2):
+        np.savez(tmp_path / "calibration" / f"s{index}.npz", x=rng.standard_normal((16, 3, 64, 64)).astype(np.float32))
+    args = [str(ci8.mantissa_binary()), "quantize", str(tmp_path / "model.onnx"), "--precision", "int8", "--mode", "static",
+            "--calibration-data", str(tmp_path / "calibration"), "-o", str(tmp_path / "int8.onnx")]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=ci8.mantissa_env())
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"peak memory: +static pass ([0-9.]+) MiB, FP32 inference at the calibration batch ([0-9.]+) MiB "
+                      r"\(([0-9.]+)x\)", result.stdout)
+    assert match, result.stdout
+    print(f"static pass {match.group(1)} MiB, FP32 inference {match.group(2)} MiB ({match.group(3)}x)")
+    assert float(match.group(3)) <= 2.0
