@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
-use crate::onnx::{GraphProto, NodeProto, type_proto};
+use crate::onnx::{GraphProto, NodeProto, TensorProto, type_proto};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GraphError {
@@ -228,6 +228,49 @@ pub fn remove_dead(graph: &mut GraphProto) -> (usize, usize) {
     let before = graph.initializer.len();
     graph.initializer.retain(|t| !index.consumers(t.name()).is_empty() || outputs.contains(t.name()));
     (removed_nodes, before - graph.initializer.len())
+}
+
+/// The Add that alone reads `node`'s output and adds a float initializer to it (a bias), as
+/// (the Add's position, the initializer's name). `None` when the output is a graph output.
+pub fn sole_bias_add<'g>(
+    graph: &'g GraphProto,
+    index: &GraphIndex,
+    node: &NodeProto,
+) -> Option<(usize, &'g TensorProto)> {
+    let output = node.output.first()?;
+    if graph.output.iter().any(|o| o.name() == output) {
+        return None;
+    }
+    let &[add] = index.consumers(output) else { return None };
+    let add_node = &graph.node[add];
+    if add_node.op_type() != "Add" || !add_node.domain().is_empty() || add_node.input.len() != 2 {
+        return None;
+    }
+    let bias = if &add_node.input[0] == output { &add_node.input[1] } else { &add_node.input[0] };
+    let tensor = graph.initializer.iter().find(|t| t.name() == bias && t.data_type() == crate::elem::FLOAT)?;
+    Some((add, tensor))
+}
+
+/// Folds each (node, Add, bias) of `merges` into the node: `attach` gives the node the bias,
+/// the node takes over the Add's output, and the Add is removed.
+pub fn fold_bias_adds(
+    graph: &mut GraphProto,
+    merges: &[(usize, usize, String)],
+    mut attach: impl FnMut(&mut NodeProto, String),
+) {
+    let mut removed = HashSet::new();
+    for (position, add, bias) in merges {
+        let output = graph.node[*add].output[0].clone();
+        let node = &mut graph.node[*position];
+        attach(node, bias.clone());
+        node.output = vec![output];
+        removed.insert(*add);
+    }
+    let mut position = 0;
+    graph.node.retain(|_| {
+        position += 1;
+        !removed.contains(&(position - 1))
+    });
 }
 
 /// Ops whose FLOPs make a layer "compute" for the first/last-layer rules of the passes.

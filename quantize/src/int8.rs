@@ -650,47 +650,23 @@ fn quantize_embedding_tables(
 /// axis), saving a pass over the output. Returns how many were moved.
 fn absorb_bias_adds(graph: &mut GraphProto) -> usize {
     let index = GraphIndex::build(graph);
-    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name()).collect();
-    let float_vector = |name: &str, length: i64| {
-        graph.initializer.iter().any(|t| t.name() == name && t.data_type() == elem::FLOAT && t.dims == [length])
-    };
-    let mut moves: Vec<(usize, usize, String)> = Vec::new();
+    let mut merges: Vec<(usize, usize, String)> = Vec::new();
     for (position, node) in graph.node.iter().enumerate() {
-        if node.op_type() != "DynamicQuantizeMatMul"
-            || node.input.len() > 4
-            || outputs.contains(node.output[0].as_str())
+        if node.op_type() != "DynamicQuantizeMatMul" || node.input.len() > 4 {
+            continue;
+        }
+        let columns = graph.initializer.iter().find(|t| t.name() == node.input[1]).and_then(|w| w.dims.get(1));
+        if let (Some(&columns), Some((add, bias))) = (columns, crate::graph::sole_bias_add(graph, &index, node))
+            && bias.dims == [columns]
         {
-            continue;
-        }
-        let Some(columns) = graph.initializer.iter().find(|t| t.name() == node.input[1]).and_then(|w| w.dims.get(1))
-        else {
-            continue;
-        };
-        let &[add] = index.consumers(&node.output[0]) else { continue };
-        let add_node = &graph.node[add];
-        if add_node.op_type() != "Add" || !add_node.domain().is_empty() || add_node.input.len() != 2 {
-            continue;
-        }
-        let bias = if add_node.input[0] == node.output[0] { &add_node.input[1] } else { &add_node.input[0] };
-        if float_vector(bias, *columns) {
-            moves.push((position, add, bias.clone()));
+            merges.push((position, add, bias.name().to_owned()));
         }
     }
-    let mut removed = HashSet::new();
-    for (position, add, bias) in &moves {
-        let output = graph.node[*add].output[0].clone();
-        let node = &mut graph.node[*position];
+    crate::graph::fold_bias_adds(graph, &merges, |node, bias| {
         node.input.resize(4, String::new());
-        node.input.push(bias.clone());
-        node.output = vec![output];
-        removed.insert(*add);
-    }
-    let mut position = 0;
-    graph.node.retain(|_| {
-        position += 1;
-        !removed.contains(&(position - 1))
+        node.input.push(bias);
     });
-    moves.len()
+    merges.len()
 }
 
 /// Drops the initializers of a subgraph that a rewrite replaced and nothing reads any more.

@@ -270,44 +270,29 @@ fn prepare(graph: &mut GraphProto) -> Result<(), Int8Error> {
 fn fold_bias_adds_into_gemm(graph: &mut GraphProto) -> usize {
     let ranks = crate::ranks::infer_ranks(graph);
     let index = GraphIndex::build(graph);
-    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name()).collect();
-    let initializer = |name: &str| graph.initializer.iter().find(|t| t.name() == name && t.data_type() == elem::FLOAT);
-    let mut folds: Vec<(usize, usize, String)> = Vec::new();
+    let mut merges: Vec<(usize, usize, String)> = Vec::new();
     for (position, node) in graph.node.iter().enumerate() {
         if node.op_type() != "MatMul" || !node.domain().is_empty() || node.input.len() != 2 {
             continue;
         }
-        let Some(weight) = initializer(&node.input[1]).filter(|w| w.dims.len() == 2) else { continue };
-        if ranks.get(&node.input[0]) != Some(&2) || outputs.contains(node.output[0].as_str()) {
+        let weight = graph
+            .initializer
+            .iter()
+            .find(|t| t.name() == node.input[1] && t.data_type() == elem::FLOAT && t.dims.len() == 2);
+        if ranks.get(&node.input[0]) != Some(&2) {
             continue;
         }
-        let &[add] = index.consumers(&node.output[0]) else { continue };
-        let add_node = &graph.node[add];
-        if add_node.op_type() != "Add" || !add_node.domain().is_empty() || add_node.input.len() != 2 {
-            continue;
-        }
-        let bias = if add_node.input[0] == node.output[0] { &add_node.input[1] } else { &add_node.input[0] };
-        let columns = weight.dims[1];
-        let is_vector = |t: &TensorProto| t.dims == [columns] || t.dims == [1, columns];
-        if initializer(bias).is_some_and(is_vector) {
-            folds.push((position, add, bias.clone()));
+        if let (Some(weight), Some((add, bias))) = (weight, crate::graph::sole_bias_add(graph, &index, node))
+            && (bias.dims == [weight.dims[1]] || bias.dims == [1, weight.dims[1]])
+        {
+            merges.push((position, add, bias.name().to_owned()));
         }
     }
-    let mut removed = HashSet::new();
-    for (position, add, bias) in &folds {
-        let output = graph.node[*add].output[0].clone();
-        let node = &mut graph.node[*position];
+    crate::graph::fold_bias_adds(graph, &merges, |node, bias| {
         node.op_type = Some("Gemm".to_owned());
-        node.input.push(bias.clone());
-        node.output = vec![output];
-        removed.insert(*add);
-    }
-    let mut position = 0;
-    graph.node.retain(|_| {
-        position += 1;
-        !removed.contains(&(position - 1))
+        node.input.push(bias);
     });
-    folds.len()
+    merges.len()
 }
 
 struct QuantParams {
