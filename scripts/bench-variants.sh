@@ -14,7 +14,7 @@ cargo build --release --bin mantissa >&2
 bin=./target/release/mantissa
 work=$(mktemp -d)
 server_pid=
-trap '[ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null; rm -rf "$work"' EXIT
+trap '{ [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null; } || true; rm -rf "$work"' EXIT
 
 wait_serving() {  # $1: port; prints seconds since $2 (start time, ns)
   until "$bin" bench --url "http://127.0.0.1:$1" --model digits_cnn --requests 1 --warmup 0ms --json >/dev/null 2>&1 \
