@@ -14,6 +14,8 @@ Variants per model, every converter run as its own subprocess (so its peak RSS c
 - mantissa static <method>: `mantissa quantize M --precision int8 --mode static --calibration-data DIR
   --calibration-method <method> -o OUT` ($MANTISSA_BIN or target/debug/mantissa; ORT_DYLIB_PATH is
   set to .onnxruntime/lib/libonnxruntime.so.* when unset). minmax by default, others with --methods;
+- mantissa static minmax, all layers: the same with keep_first_and_last_layers: false (a policy);
+- mantissa weight-only int4: `--mode weight-only` (MatMulNBits, 4-bit blocks of 128, activations float);
 - mantissa dynamic: `mantissa quantize M --precision int8 --mode dynamic -o OUT`;
 - ORT static: onnxruntime.quantization.quantize_static(per_channel=True, quant_format=QDQ,
   activation_type=QUInt8, weight_type=QInt8, calibrate_method=MinMax) with a CalibrationDataReader over
@@ -414,6 +416,10 @@ def evaluate_model(case: dict, args, root: Path) -> dict:
     cmd = mantissa_cmd(model, out, "static", calibration, "minmax", policy=all_layers)
     variants.append({"variant": "mantissa static minmax, all layers", "converter": "mantissa",
                      **convert(cmd, out, work / "log_mantissa_static_all_layers", args.timeout, env)})
+    out = work / "mantissa_weight_only.onnx"
+    variants.append({"variant": "mantissa weight-only int4", "converter": "mantissa",
+                     **convert(mantissa_cmd(model, out, "weight-only"), out, work / "log_mantissa_weight_only",
+                               args.timeout, env)})
     out = work / "mantissa_dynamic.onnx"
     variants.append({"variant": "mantissa dynamic", "converter": "mantissa",
                      **convert(mantissa_cmd(model, out, "dynamic"), out, work / "log_mantissa_dynamic",
