@@ -346,3 +346,54 @@ def test_analyze_flags_the_mixed_range_concat(tmp_path):
     assert joined["flagged"] and joined["ratio"] > 10
     assert joined["ratio"] == pytest.approx(joined["widest_range"] / joined["narrowest_range"])
     assert not any(r["flagged"] for r in rows if r["kind"] != "concat")
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_matmuls_inside_a_loop_body_are_quantized(mode, tmp_path):
+    """A recurrent Loop (three steps of state = tanh(state @ W + x @ U), W and U read from
+    the main graph) gets its body's MatMuls quantized like an If branch's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+    width = 32
+    w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    u = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["state_in", "w"], ["recurrent"], name="body/recurrent"),
+            helper.make_node("MatMul", ["x", "u"], ["driven"], name="body/input"),
+            helper.make_node("Add", ["recurrent", "driven"], ["total"]),
+            helper.make_node("Tanh", ["total"], ["state_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [helper.make_tensor_value_info("step", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("state_in", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("state_out", TensorProto.FLOAT, ["batch", width])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["steps", "", "x"], ["y"], body=body, name="recurrence")],
+        "loop_rnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(u, "u"),
+                     numpy_helper.from_array(np.array(3, np.int64), "steps")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "loop.onnx"
+    onnx.save(model, str(path))
+    (tmp_path / "calibration").mkdir()
+    np.savez(tmp_path / "calibration" / "s0.npz", x=rng.standard_normal((8, width)).astype(np.float32))
+    out = tmp_path / f"loop_{mode}.onnx"
+    extra = ["--calibration-data", str(tmp_path / "calibration")] if mode == "static" else []
+    quantize(path, out, "--mode", mode, *extra)
+    onnx.checker.check_model(str(out), full_check=True)
+    loop = next(n for n in onnx.load(str(out)).graph.node if n.op_type == "Loop")
+    body_ops = collections.Counter(n.op_type for n in loop.attribute[0].g.node)
+    assert body_ops["DynamicQuantizeMatMul"] == 2 and body_ops["MatMul"] == 0, body_ops
+    x = rng.standard_normal((16, width)).astype(np.float32)
+    assert cosine(outputs(path, x), outputs(out, x)) >= 0.99
