@@ -387,7 +387,13 @@ fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy, PolicyErr
         if let Some(options) = int8.as_mut() {
             let at = |leaf: &'static str| -> Vec<&str> { vec!["variants", name, "int8", leaf] };
             if let Err(err) = mantissa_quantize::int8::validate_options(options) {
-                return Err(error(&at("nodes_exclude"), err.to_string()));
+                let key = err.option_key().unwrap_or("mode");
+                // The message after the key names the problem; the key is already in the location.
+                let message = match &err {
+                    mantissa_quantize::int8::Int8Error::BadOption { reason, .. } => reason.clone(),
+                    other => other.to_string(),
+                };
+                return Err(error(&at(key), message));
             }
             if let Err(err) = options.calibration.validate() {
                 return Err(error(&at("calibration"), err.to_string()));
@@ -726,6 +732,22 @@ mod tests {
         let err =
             parse("variants:\n  a:\n    precision: fp32\n    serving:\n      default_timeout: soon\n").unwrap_err();
         assert_eq!((err.line, err.key.as_str()), (Some(5), "variants.a.serving.default_timeout"));
+    }
+
+    #[test]
+    fn int8_option_errors_name_their_own_key() {
+        for (leaf, value, expected) in [
+            ("block_size", "100", "expected a power of two from 16 to 256, got 100"),
+            ("weight_bits", "3", "expected 4 or 8, got 3"),
+            ("max_concat_range_ratio", "0.5", "expected at least 1, got 0.5"),
+            ("nodes_exclude", "[\"(\"]", "is not a valid regular expression"),
+        ] {
+            let text = format!("variants:\n  q:\n    precision: int8\n    int8:\n      {leaf}: {value}\n");
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.key, format!("variants.q.int8.{leaf}"), "{err}");
+            assert_eq!(err.line, Some(5), "{err}");
+            assert!(err.message.contains(expected), "{err}");
+        }
     }
 
     #[test]

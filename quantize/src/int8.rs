@@ -126,10 +126,20 @@ pub enum Int8Error {
     Graph(#[from] crate::graph::GraphError),
     #[error("static quantization needs calibrated ranges for {0} tensors; run calibration first")]
     MissingRanges(usize),
-    #[error("weight-only quantization: {0}")]
-    WeightOnly(String),
-    #[error("{0}")]
-    BadOption(String),
+    /// An option out of its range; `key` is its name in the policy's `int8:` section.
+    #[error("{key}: {reason}")]
+    BadOption { key: &'static str, reason: String },
+}
+
+impl Int8Error {
+    /// The policy key (under `int8:`) an options error is about, if it is about one.
+    pub fn option_key(&self) -> Option<&'static str> {
+        match self {
+            Int8Error::BadPattern { .. } => Some("nodes_exclude"),
+            Int8Error::BadOption { key, .. } => Some(key),
+            _ => None,
+        }
+    }
 }
 
 /// Why a candidate node was left in FP32.
@@ -247,20 +257,15 @@ impl Int8Options {
 
 /// Validates options without touching a model (bad regular expressions, block settings).
 pub fn validate_options(options: &Int8Options) -> Result<(), Int8Error> {
+    let bad = |key: &'static str, reason: String| Err(Int8Error::BadOption { key, reason });
     if !matches!(options.weight_bits, 4 | 8) {
-        return Err(Int8Error::WeightOnly(format!("weight_bits must be 4 or 8, got {}", options.weight_bits)));
+        return bad("weight_bits", format!("expected 4 or 8, got {}", options.weight_bits));
     }
     if !(16..=256).contains(&options.block_size) || !options.block_size.is_power_of_two() {
-        return Err(Int8Error::WeightOnly(format!(
-            "block_size must be a power of two from 16 to 256, got {}",
-            options.block_size
-        )));
+        return bad("block_size", format!("expected a power of two from 16 to 256, got {}", options.block_size));
     }
     if options.max_concat_range_ratio.is_nan() || options.max_concat_range_ratio < 1.0 {
-        return Err(Int8Error::BadOption(format!(
-            "max_concat_range_ratio must be at least 1, got {}",
-            options.max_concat_range_ratio
-        )));
+        return bad("max_concat_range_ratio", format!("expected at least 1, got {}", options.max_concat_range_ratio));
     }
     Selection::new(options).map(|_| ())
 }
