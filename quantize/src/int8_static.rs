@@ -50,6 +50,9 @@ struct Plan {
     /// Tensor -> the tensor whose parameters it shares.
     shares: HashMap<String, String>,
     skipped: Vec<(String, String, SkipReason)>,
+    /// Constant bias vectors of quantized bias Adds, quantized like activations so that ONNX
+    /// Runtime fuses the Add (QLinearAdd).
+    constants: Vec<String>,
 }
 
 fn is_quantizable_op(op: &str) -> bool {
@@ -77,12 +80,15 @@ fn plan(
     let (first, last) = first_and_last_compute(graph);
     let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
     let is_float = |name: &str| !name.is_empty() && types.get(name) == Some(&elem::FLOAT);
+    let index = GraphIndex::build(graph);
+    let ranks = crate::ranks::infer_ranks(graph);
+    let bias_adds = bias_adds_of_2d_matmuls(graph, &index, &ranks);
     let mut nodes = Vec::new();
     let mut skipped = Vec::new();
     let mut quantized_compute: HashSet<String> = HashSet::new();
     for (position, node) in graph.node.iter().enumerate() {
         let op = node.op_type();
-        if !node.domain().is_empty() || !is_quantizable_op(op) {
+        if !node.domain().is_empty() || !(is_quantizable_op(op) || bias_adds.contains_key(&position)) {
             continue;
         }
         if let Some(reason) =
@@ -105,7 +111,6 @@ fn plan(
     // node; ops with their own range (Relu, pooling, Concat) only when they read from one,
     // since after an FP32 producer they would just add a quantize-dequantize round trip.
     // Dropping one can strand another, so this repeats until nothing changes.
-    let index = GraphIndex::build(graph);
     loop {
         let quantized: HashSet<usize> = nodes.iter().copied().collect();
         let reads_quantized =
@@ -120,7 +125,7 @@ fn plan(
                 let op = node.op_type();
                 COMPUTE_OPS.contains(&op)
                     || (SHARING_OPS.contains(&op) && (reads_quantized(node) || feeds_quantized(node)))
-                    || (RANGED_OPS.contains(&op) && reads_quantized(node))
+                    || ((RANGED_OPS.contains(&op) || bias_adds.contains_key(&p)) && reads_quantized(node))
             })
             .collect();
         if kept.len() == nodes.len() {
@@ -130,7 +135,13 @@ fn plan(
     }
 
     let quantized: HashSet<usize> = nodes.iter().copied().collect();
-    let ranks = crate::ranks::infer_ranks(graph);
+    let constants: Vec<String> = nodes
+        .iter()
+        .filter_map(|p| bias_adds.get(p))
+        .cloned()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let mut tensors = Vec::new();
     let mut seen = HashSet::new();
     let mut shares = HashMap::new();
@@ -143,7 +154,7 @@ fn plan(
         nodes
             .iter()
             .map(|&p| &graph.node[p])
-            .filter(|n| COMPUTE_OPS.contains(&n.op_type()))
+            .filter(|n| COMPUTE_OPS.contains(&n.op_type()) || n.op_type() == "Add")
             .filter_map(|n| n.output.first())
             .filter(|o| !graph_outputs.contains(o.as_str()))
             .filter(|o| match index.consumers(o) {
@@ -208,7 +219,43 @@ fn plan(
             }
         }
     }
-    Ok(Plan { nodes, tensors, shares, skipped })
+    Ok(Plan { nodes, tensors, shares, skipped, constants })
+}
+
+/// Add nodes that add a constant bias vector to the output of a MatMul on 2-D activations
+/// with a constant [K, N] weight (position -> the bias initializer's name).
+///
+/// Why they are quantized (QLinearMatMul + QLinearAdd) when a quantized node reads their
+/// output: left in float, ONNX Runtime fuses MatMul + Add into an FP32 Gemm before it fuses
+/// Q/DQ patterns, and the Gemm dequantizes its weights on every run; folded into a Gemm, the
+/// layer runs as QGemm, which measured 5-15% slower than QLinearMatMul + QLinearAdd on ONNX
+/// Runtime 1.31 on this x86 CPU (see [`plan_with_gemm_folds`] for Adds read by FP32 work).
+/// Higher-rank MatMuls (transformers) are not fused by ONNX Runtime and keep a float output
+/// (MatMulIntegerToFloat) and a float Add.
+fn bias_adds_of_2d_matmuls(
+    graph: &GraphProto,
+    index: &GraphIndex,
+    ranks: &crate::ranks::Ranks,
+) -> HashMap<usize, String> {
+    let mut adds = HashMap::new();
+    for node in &graph.node {
+        if node.op_type() != "MatMul" || !node.domain().is_empty() || node.input.len() != 2 {
+            continue;
+        }
+        let weight = graph
+            .initializer
+            .iter()
+            .find(|t| t.name() == node.input[1] && t.data_type() == elem::FLOAT && t.dims.len() == 2);
+        if ranks.get(&node.input[0]) != Some(&2) {
+            continue;
+        }
+        if let (Some(weight), Some((add, bias))) = (weight, crate::graph::sole_bias_add(graph, index, node))
+            && (bias.dims == [weight.dims[1]] || bias.dims == [1, weight.dims[1]])
+        {
+            adds.insert(add, bias.name().to_owned());
+        }
+    }
+    adds
 }
 
 fn compute_node_supported(graph: &GraphProto, node: &NodeProto, initializers: &HashSet<&str>) -> Result<(), String> {
@@ -242,57 +289,49 @@ pub fn tensors_to_calibrate(model: &ModelProto, options: &Int8Options) -> Result
     let mut sorted = graph.clone();
     prepare(&mut sorted)?;
     let types = infer_elem_types(&sorted, &ElemTypes::new());
-    let plan = plan(&sorted, &types, options, &HashMap::new())?;
+    let plan = plan_with_gemm_folds(&mut sorted, &types, options)?;
     Ok(plan.tensors.into_iter().filter(|t| !plan.shares.contains_key(t)).collect())
 }
 
-/// The FP32 rewrites both planning and quantizing start from, so both see the same graph:
-/// Constant weights become initializers, MatMul + bias Add becomes Gemm where that is exact,
-/// and nodes are sorted topologically.
-fn prepare(graph: &mut GraphProto) -> Result<(), Int8Error> {
-    crate::graph::constants_to_initializers(graph);
-    let folded = fold_bias_adds_into_gemm(graph);
-    if folded > 0 {
-        tracing::debug!(folded, "int8 static: MatMul + bias Add folded into Gemm");
-    }
-    crate::graph::sort_topologically(graph)?;
-    Ok(())
-}
-
-/// Rewrites MatMul(A, W) followed by Add(., b), with A of rank 2, W a constant [K, N] matrix
-/// and b a constant vector of N, as Gemm(A, W, b) named after the MatMul.
-///
-/// Why: ONNX Runtime fuses MatMul + Add into Gemm before it fuses Q/DQ patterns, so a
-/// quantized MatMul with a float output followed by a bias Add would end up as an FP32 Gemm
-/// dequantizing its weights on every run. As a Gemm the pass quantizes the bias to int32 and
-/// ONNX Runtime runs QGemm. Higher-rank MatMuls (transformers) are not fused by ONNX Runtime
-/// and stay as they are (MatMulIntegerToFloat).
-fn fold_bias_adds_into_gemm(graph: &mut GraphProto) -> usize {
-    let ranks = crate::ranks::infer_ranks(graph);
+/// Plans, then folds into Gemm every planned bias Add whose output no quantized node reads,
+/// and plans again. Quantizing such an Add would also round its MatMul's output, which
+/// nothing downstream needs in integers; left as MatMul + float Add, ONNX Runtime would fuse
+/// the pair into an FP32 Gemm dequantizing its weights every run. As a Gemm with an int32
+/// bias it runs as QGemm with a float output instead.
+fn plan_with_gemm_folds(graph: &mut GraphProto, types: &ElemTypes, options: &Int8Options) -> Result<Plan, Int8Error> {
+    let first = plan(graph, types, options, &HashMap::new())?;
     let index = GraphIndex::build(graph);
+    let planned: HashSet<usize> = first.nodes.iter().copied().collect();
     let mut merges: Vec<(usize, usize, String)> = Vec::new();
-    for (position, node) in graph.node.iter().enumerate() {
-        if node.op_type() != "MatMul" || !node.domain().is_empty() || node.input.len() != 2 {
+    for &position in &first.nodes {
+        let node = &graph.node[position];
+        if node.op_type() != "MatMul" {
             continue;
         }
-        let weight = graph
-            .initializer
-            .iter()
-            .find(|t| t.name() == node.input[1] && t.data_type() == elem::FLOAT && t.dims.len() == 2);
-        if ranks.get(&node.input[0]) != Some(&2) {
-            continue;
-        }
-        if let (Some(weight), Some((add, bias))) = (weight, crate::graph::sole_bias_add(graph, &index, node))
-            && (bias.dims == [weight.dims[1]] || bias.dims == [1, weight.dims[1]])
-        {
+        let Some((add, bias)) = crate::graph::sole_bias_add(graph, &index, node) else { continue };
+        let is_planned_bias_add = planned.contains(&add) && first.constants.iter().any(|c| c == bias.name());
+        let output_read_quantized = index.consumers(&graph.node[add].output[0]).iter().any(|c| planned.contains(c));
+        if is_planned_bias_add && !output_read_quantized {
             merges.push((position, add, bias.name().to_owned()));
         }
     }
+    if merges.is_empty() {
+        return Ok(first);
+    }
+    tracing::debug!(folded = merges.len(), "int8 static: MatMul + bias Add read by FP32 work folded into Gemm");
     crate::graph::fold_bias_adds(graph, &merges, |node, bias| {
         node.op_type = Some("Gemm".to_owned());
         node.input.push(bias);
     });
-    merges.len()
+    plan(graph, types, options, &HashMap::new())
+}
+
+/// The FP32 rewrites both planning and quantizing start from, so both see the same graph:
+/// Constant weights become initializers and nodes are sorted topologically.
+fn prepare(graph: &mut GraphProto) -> Result<(), Int8Error> {
+    crate::graph::constants_to_initializers(graph);
+    crate::graph::sort_topologically(graph)?;
+    Ok(())
 }
 
 struct QuantParams {
@@ -321,7 +360,7 @@ pub fn quantize_static(
     let graph = model.graph.as_mut().ok_or(Int8Error::NoGraph)?;
     prepare(graph)?;
     let types = infer_elem_types(graph, &ElemTypes::new());
-    let first_plan = plan(graph, &types, options, &HashMap::new())?;
+    let first_plan = plan_with_gemm_folds(graph, &types, options)?;
     let excluded = mixed_range_exclusions(graph, &first_plan, ranges, options.max_concat_range_ratio);
     let plan = if excluded.is_empty() { first_plan } else { plan(graph, &types, options, &excluded)? };
     let missing = plan.tensors.iter().filter(|t| !plan.shares.contains_key(*t) && !ranges.contains_key(*t)).count();
@@ -398,11 +437,60 @@ pub fn quantize_static(
         report.activations_quantized += 1;
     }
 
+    // Constant biases of quantized bias Adds: stored quantized, like an activation.
+    let mut rebuilt = Vec::with_capacity(graph.node.len() + plan.tensors.len() * 2);
+    let mut constant_dequantized: HashMap<String, String> = HashMap::new();
+    for constant in &plan.constants {
+        let Some(values) = graph.initializer.iter().find(|t| t.name() == constant).and_then(f32_values) else {
+            continue;
+        };
+        let (lo, hi) = values.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (scale, zero_point, zero_point_type, bytes): (f32, u8, i32, Vec<u8>) = match options.activation_type {
+            ActivationType::Uint8 => {
+                let (scale, zero_point) = uint8_asymmetric(lo, hi, false);
+                let code = |v: f32| ((v / scale).round_ties_even() + f32::from(zero_point)).clamp(0.0, 255.0) as u8;
+                (scale, zero_point, elem::UINT8, values.iter().map(|&v| code(v)).collect())
+            }
+            ActivationType::Int8 => {
+                let (scale, zero_point) = int8_symmetric(lo, hi, false);
+                let code = |v: f32| (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8 as u8;
+                (scale, zero_point as u8, elem::INT8, values.iter().map(|&v| code(v)).collect())
+            }
+        };
+        let dims = graph.initializer.iter().find(|t| t.name() == constant).map(|t| t.dims.clone()).unwrap_or_default();
+        let (q_name, s_name, z_name, dq_name) = (
+            names.fresh(&format!("{constant}_quantized")),
+            names.fresh(&format!("{constant}_scale")),
+            names.fresh(&format!("{constant}_zero_point")),
+            names.fresh(&format!("{constant}_dequantized")),
+        );
+        new_initializers.push(TensorProto {
+            name: Some(q_name.clone()),
+            dims,
+            data_type: Some(zero_point_type),
+            raw_data: Some(bytes),
+            ..Default::default()
+        });
+        new_initializers.push(float_tensor(&s_name, vec![], &[scale]));
+        new_initializers.push(TensorProto {
+            name: Some(z_name.clone()),
+            data_type: Some(zero_point_type),
+            raw_data: Some(vec![zero_point]),
+            ..Default::default()
+        });
+        rebuilt.push(simple_node(
+            names.fresh(&format!("{constant}_DequantizeLinear")),
+            "DequantizeLinear",
+            vec![q_name, s_name, z_name],
+            dq_name.clone(),
+        ));
+        constant_dequantized.insert(constant.clone(), dq_name);
+    }
+
     // Weights and biases of quantized compute nodes.
     let quantized_nodes: HashSet<usize> = plan.nodes.iter().copied().collect();
     let mut weight_nodes: Vec<NodeProto> = Vec::new();
     let originals = std::mem::take(&mut graph.node);
-    let mut rebuilt = Vec::with_capacity(originals.len() + plan.tensors.len() * 2);
     // Q/DQ pairs of graph inputs go first.
     for input in graph.input.iter().map(|i| i.name().to_owned()).collect::<Vec<_>>() {
         if let Some(pair) = pending_pairs.remove(&input) {
@@ -426,8 +514,11 @@ pub fn quantize_static(
         }
         // Every reader of a quantized tensor reads its dequantized value, so the producer's
         // only consumer is the QuantizeLinear (the shape ONNX Runtime fuses).
+        let quantized_add = quantized_nodes.contains(&position) && node.op_type() == "Add";
         for input in node.input.iter_mut() {
             if let Some(replacement) = dequantized.get(input.as_str()) {
+                *input = replacement.clone();
+            } else if let Some(replacement) = constant_dequantized.get(input.as_str()).filter(|_| quantized_add) {
                 *input = replacement.clone();
             }
         }

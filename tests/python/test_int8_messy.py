@@ -240,11 +240,12 @@ def test_concat_of_alike_ranges_runs_as_qlinearconcat(tmp_path):
 
 
 @pytest.mark.parametrize("ends_fp32", [False, True])
-def test_two_dimensional_matmul_bias_relu_layers_run_as_qgemm(ends_fp32, tmp_path):
-    """MatMul + bias Add on 2-D activations is folded into Gemm before quantizing, and a
-    quantized Relu takes over the Gemm's output quantization, so ONNX Runtime runs every layer
-    as one QGemm: without the fold it would fuse MatMul + Add into an FP32 Gemm that
-    dequantizes its weights on every run."""
+def test_two_dimensional_matmul_bias_relu_layers_run_on_integer_kernels(ends_fp32, tmp_path):
+    """MatMul + bias Add (+ Relu) on 2-D activations: a layer whose output feeds quantized
+    work runs as QLinearMatMul + QLinearAdd with the Relu folded into the output quantization;
+    one read by FP32 work (the last) is folded into Gemm and runs as QGemm with a float output.
+    Without either, ONNX Runtime would fuse MatMul + Add into an FP32 Gemm that dequantizes
+    its weights on every run."""
     fixture = REPO / "tests/fixtures/int8/outlier_mlp"
     model = onnx.load(str(fixture / "model.onnx"))
     # Put a Relu after every hidden layer (the fixture is linear) and quantize all layers.
@@ -265,12 +266,13 @@ def test_two_dimensional_matmul_bias_relu_layers_run_as_qgemm(ends_fp32, tmp_pat
     ops = optimized_ops(out, tmp_path)
     if ends_fp32:
         # First and last layers FP32; the eight between them integer, entered and left once.
-        assert ops["QGemm"] == 8 and ops["Gemm"] + ops["FusedGemm"] == 2, ops
+        assert ops["QLinearMatMul"] == 8 and ops["QLinearAdd"] == 8, ops
+        assert ops["Gemm"] + ops["FusedGemm"] == 2 and ops["QGemm"] == 0, ops
         assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1, ops
     else:
-        assert ops["QGemm"] == 10, ops
-        assert not {"Gemm", "FusedGemm", "MatMul", "Relu"} & set(ops), ops
-        assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0, ops
+        assert ops["QLinearMatMul"] == 9 and ops["QLinearAdd"] == 9 and ops["QGemm"] == 1, ops
+        assert not {"Gemm", "FusedGemm", "MatMul", "Relu", "DequantizeLinear"} & set(ops), ops
+        assert ops["QuantizeLinear"] == 1, ops
     x = np.load(fixture / "holdout.npz")["x"]
     assert cosine(outputs(mlp, x), outputs(out, x)) > 0.9  # the outlier channel still costs accuracy here
 
