@@ -15,6 +15,7 @@ Variants per model, every converter run as its own subprocess (so its peak RSS c
   --calibration-method <method> -o OUT` ($MANTISSA_BIN or target/debug/mantissa; ORT_DYLIB_PATH is
   set to .onnxruntime/lib/libonnxruntime.so.* when unset). minmax by default, others with --methods;
 - mantissa static minmax, all layers: the same with keep_first_and_last_layers: false (a policy);
+- mantissa static minmax, S8S8: the same with activation_type: int8 (symmetric int8 activations);
 - mantissa weight-only int4: `--mode weight-only` (MatMulNBits, 4-bit blocks of 128, activations float);
 - mantissa dynamic: `mantissa quantize M --precision int8 --mode dynamic -o OUT`;
 - ORT static: onnxruntime.quantization.quantize_static(per_channel=True, quant_format=QDQ,
@@ -416,6 +417,15 @@ def evaluate_model(case: dict, args, root: Path) -> dict:
     cmd = mantissa_cmd(model, out, "static", calibration, "minmax", policy=all_layers)
     variants.append({"variant": "mantissa static minmax, all layers", "converter": "mantissa",
                      **convert(cmd, out, work / "log_mantissa_static_all_layers", args.timeout, env)})
+    # int8 symmetric activations (S8S8), the policy's activation_type: int8.
+    s8s8 = work / "s8s8_policy.yaml"
+    s8s8.write_text("variants:\n  q:\n    precision: int8\n    int8:\n      mode: static\n"
+                    f"      calibration_data: {calibration.resolve()}\n"
+                    "      activation_type: int8\n")
+    out = work / "mantissa_static_minmax_s8s8.onnx"
+    cmd = mantissa_cmd(model, out, "static", calibration, "minmax", policy=s8s8)
+    variants.append({"variant": "mantissa static minmax, S8S8", "converter": "mantissa",
+                     **convert(cmd, out, work / "log_mantissa_static_s8s8", args.timeout, env)})
     out = work / "mantissa_weight_only.onnx"
     variants.append({"variant": "mantissa weight-only int4", "converter": "mantissa",
                      **convert(mantissa_cmd(model, out, "weight-only"), out, work / "log_mantissa_weight_only",
