@@ -19,21 +19,20 @@ use mantissa_quantize::elem;
 use mantissa_quantize::graph::{GraphIndex, constants_to_initializers, sort_topologically};
 use mantissa_quantize::int8::{Int8Mode, Int8Options};
 use mantissa_quantize::int8_static::{quantize_static, tensors_to_calibrate};
-use mantissa_quantize::onnx::{GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, ValueInfoProto, type_proto};
+use mantissa_quantize::load_model;
+use mantissa_quantize::onnx::{GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 use mantissa_quantize::tensor::f32_values;
 use mantissa_quantize::types::{attribute, infer_elem_types};
-use mantissa_quantize::{load_model, to_bytes};
 use ort::session::Session;
 use serde::Serialize;
 
-use crate::calibrate::{calibrate, load_sample, sample_files};
+use crate::calibrate::{add_float_outputs, calibrate, load_sample, sample_files};
 use crate::contents::TensorData;
 use crate::datatype::DataType;
 use crate::drift::{DriftAccumulator, as_f32};
-use crate::executor::{OutputTensor, SessionConfig, execute, open_session, signature_of};
+use crate::executor::{OutputTensor, execute, open_internal_session};
 use crate::signature::ModelSignature;
 use crate::validation::ValidRequest;
-use crate::variant_build::ModelSource;
 
 /// Inputs whose observed range leaves [-LIMIT, LIMIT] are flagged as un-normalized.
 pub const INPUT_RANGE_LIMIT: f64 = 10.0;
@@ -690,37 +689,6 @@ fn node_maccs(node: &NodeProto, sample: &Sample, initializers: &HashMap<String, 
     Some(output * per_output)
 }
 
-fn add_float_outputs(model: &mut ModelProto, tensors: &[String]) -> Result<(), String> {
-    let graph = model.graph.as_mut().ok_or("model has no graph")?;
-    for tensor in tensors {
-        if !graph.output.iter().any(|o| o.name() == tensor) {
-            graph.output.push(ValueInfoProto {
-                name: Some(tensor.clone()),
-                r#type: Some(TypeProto {
-                    value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                        elem_type: Some(elem::FLOAT),
-                        shape: None,
-                    })),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            });
-        }
-    }
-    Ok(())
-}
-
-/// A session of `model` plus its signature.
-fn probe_session(
-    environment: &ort::environment::Environment,
-    model: &ModelProto,
-) -> Result<(Session, ModelSignature), String> {
-    let source = ModelSource::Memory(to_bytes(model).into());
-    let session = open_session(environment, &source, SessionConfig { intra_op_threads: 0, intra_op_spinning: false })?;
-    let signature = signature_of(&session, Some(0), 0)?;
-    Ok((session, signature))
-}
-
 fn run_probe(
     session: &mut Session,
     signature: &ModelSignature,
@@ -930,9 +898,9 @@ pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
 
     let mut fp32_probe = base.clone();
     add_float_outputs(&mut fp32_probe, &watched)?;
-    let (mut session, signature) = probe_session(&environment, &fp32_probe)
+    let (mut session, signature) = open_internal_session(&environment, &fp32_probe)
         .map_err(|err| AnalyzeError(format!("{}: {err}", args.model.display())))?;
-    let mut quantized_session = match quantized_probe.as_ref().map(|model| probe_session(&environment, model)) {
+    let mut quantized_session = match quantized_probe.as_ref().map(|model| open_internal_session(&environment, model)) {
         Some(Ok(session)) => Some(session),
         Some(Err(err)) => {
             sensitivity_error = Some(format!("the INT8 model does not load: {err}"));

@@ -13,11 +13,10 @@ use ort::environment::Environment;
 
 use crate::contents::TensorData;
 use crate::datatype::DataType;
-use crate::executor::{SessionConfig, execute, execute_visit, open_session, signature_of};
+use crate::executor::{execute, execute_visit, open_internal_session};
 use crate::npz::read_inputs;
 use crate::signature::ModelSignature;
 use crate::validation::{ValidInput, ValidRequest};
-use crate::variant_build::ModelSource;
 
 /// The `.npz`/`.npy` files of a calibration or holdout directory, sorted (or the one file,
 /// when `directory` is a file).
@@ -66,10 +65,7 @@ pub fn load_sample(path: &Path, signature: &ModelSignature) -> Result<ValidReque
 /// yardstick for calibration's memory (calibration must stay within twice what this takes).
 pub fn run_first_sample(environment: &Environment, model: &ModelProto, data_dir: &Path) -> Result<(), String> {
     let file = sample_files(data_dir)?.into_iter().next().ok_or("no calibration samples")?;
-    let source = ModelSource::Memory(mantissa_quantize::to_bytes(model).into());
-    let mut session =
-        open_session(environment, &source, SessionConfig { intra_op_threads: 0, intra_op_spinning: false })?;
-    let signature = signature_of(&session, Some(0), 0)?;
+    let (mut session, signature) = open_internal_session(environment, model)?;
     let mut request = load_sample(&file, &signature)?;
     request.outputs = (0..signature.outputs.len()).collect();
     execute(&mut session, &signature, &request).map_err(|err| format!("{}: {err}", file.display()))?;
@@ -107,8 +103,9 @@ pub fn calibrate(
     while !pending.is_empty() {
         let (group, rest) = pending.split_at(group_len.min(pending.len()));
         groups += 1;
-        let mut session = probe_session(environment, model, group)?;
-        let signature = signature_of(&session, Some(0), 0)?;
+        let mut probe = model.clone();
+        add_float_outputs(&mut probe, group)?;
+        let (mut session, signature) = open_internal_session(environment, &probe)?;
         let wanted: Vec<usize> = group
             .iter()
             .map(|t| {
@@ -150,28 +147,25 @@ pub fn calibrate(
     Ok(statistics.into_iter().map(|(name, stats)| (name, stats.range_with(method, options.symmetric))).collect())
 }
 
-/// A session over `model` with `tensors` declared as extra float outputs.
-fn probe_session(
-    environment: &Environment,
-    model: &ModelProto,
-    tensors: &[String],
-) -> Result<ort::session::Session, String> {
-    let mut probe = model.clone();
-    let graph = probe.graph.as_mut().ok_or("model has no graph")?;
+/// Declares `tensors` as extra float outputs of `model`, so a run returns them.
+pub(crate) fn add_float_outputs(model: &mut ModelProto, tensors: &[String]) -> Result<(), String> {
+    let graph = model.graph.as_mut().ok_or("model has no graph")?;
     for tensor in tensors {
         if !graph.output.iter().any(|o| o.name() == tensor) {
             graph.output.push(ValueInfoProto {
                 name: Some(tensor.clone()),
                 r#type: Some(TypeProto {
-                    value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: Some(1), shape: None })),
+                    value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                        elem_type: Some(mantissa_quantize::elem::FLOAT),
+                        shape: None,
+                    })),
                     ..Default::default()
                 }),
                 ..Default::default()
             });
         }
     }
-    let source = ModelSource::Memory(mantissa_quantize::to_bytes(&probe).into());
-    open_session(environment, &source, SessionConfig { intra_op_threads: 0, intra_op_spinning: false })
+    Ok(())
 }
 
 /// Streams little-endian f32 bytes into `stats` a block at a time, without a full copy.

@@ -52,6 +52,19 @@ pub fn open_session(environment: &Environment, model: &ModelSource, config: Sess
     }
 }
 
+/// A session over an in-memory model for internal work (calibration, drift checks, the
+/// budget search, analysis): ONNX Runtime picks the threads, idle threads sleep. With the
+/// model's signature.
+pub fn open_internal_session(
+    environment: &Environment,
+    model: &mantissa_quantize::onnx::ModelProto,
+) -> Result<(Session, ModelSignature), String> {
+    let source = ModelSource::Memory(mantissa_quantize::to_bytes(model).into());
+    let session = open_session(environment, &source, SessionConfig { intra_op_threads: 0, intra_op_spinning: false })?;
+    let signature = signature_of(&session, Some(0), 0)?;
+    Ok((session, signature))
+}
+
 fn specs_of(outlets: &[ort::value::Outlet], what: &str) -> Result<Vec<TensorSpec>, String> {
     outlets
         .iter()

@@ -17,9 +17,8 @@ use ort::environment::Environment;
 
 use crate::calibrate::{load_sample, sample_files};
 use crate::drift::{DriftAccumulator, as_f32};
-use crate::executor::{OutputTensor, SessionConfig, execute, open_session, signature_of};
+use crate::executor::{OutputTensor, execute, open_internal_session};
 use crate::validation::ValidRequest;
-use crate::variant_build::ModelSource;
 
 /// What the search did.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,10 +68,7 @@ impl<'a> Evaluator<'a> {
         holdout: &Path,
         class_outputs: &'a [String],
     ) -> Result<Self, String> {
-        let source = ModelSource::Memory(mantissa_quantize::to_bytes(fp32).into());
-        let mut session =
-            open_session(environment, &source, SessionConfig { intra_op_threads: 0, intra_op_spinning: false })?;
-        let signature = signature_of(&session, Some(0), 0)?;
+        let (mut session, signature) = open_internal_session(environment, fp32)?;
         let mut samples = Vec::new();
         let mut reference = Vec::new();
         for file in sample_files(holdout)? {
@@ -86,10 +82,7 @@ impl<'a> Evaluator<'a> {
     }
 
     fn score(&self, model: &ModelProto) -> Result<Score, String> {
-        let source = ModelSource::Memory(mantissa_quantize::to_bytes(model).into());
-        let mut session =
-            open_session(self.environment, &source, SessionConfig { intra_op_threads: 0, intra_op_spinning: false })?;
-        let signature = signature_of(&session, Some(0), 0)?;
+        let (mut session, signature) = open_internal_session(self.environment, model)?;
         let mut accumulators: Vec<DriftAccumulator> = vec![DriftAccumulator::default(); signature.outputs.len()];
         let mut top1: Vec<Option<DriftAccumulator>> = vec![None; signature.outputs.len()];
         for (request, expected) in self.samples.iter().zip(&self.reference) {
