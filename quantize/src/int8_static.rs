@@ -85,7 +85,6 @@ fn plan(
     let bias_adds = bias_adds_of_2d_matmuls(graph, &index, &ranks);
     let mut nodes = Vec::new();
     let mut skipped = Vec::new();
-    let mut quantized_compute: HashSet<String> = HashSet::new();
     for (position, node) in graph.node.iter().enumerate() {
         let op = node.op_type();
         if !node.domain().is_empty() || !(is_quantizable_op(op) || bias_adds.contains_key(&position)) {
@@ -97,12 +96,11 @@ fn plan(
             skipped.push((node.name().to_owned(), op.to_owned(), reason));
             continue;
         }
-        if COMPUTE_OPS.contains(&op) {
-            if let Err(why) = compute_node_supported(graph, node, &initializers) {
-                skipped.push((node.name().to_owned(), op.to_owned(), SkipReason::Unsupported(why)));
-                continue;
-            }
-            quantized_compute.insert(node.output[0].clone());
+        if COMPUTE_OPS.contains(&op)
+            && let Err(why) = compute_node_supported(graph, node, &initializers)
+        {
+            skipped.push((node.name().to_owned(), op.to_owned(), SkipReason::Unsupported(why)));
+            continue;
         }
         nodes.push(position);
     }
@@ -341,6 +339,47 @@ struct QuantParams {
     zero_point_type: i32,
 }
 
+impl QuantParams {
+    /// Activation parameters for the range [lo, hi]: uint8 asymmetric or int8 symmetric.
+    fn for_range(activation_type: ActivationType, lo: f32, hi: f32) -> Self {
+        match activation_type {
+            ActivationType::Uint8 => {
+                let (scale, zero_point) = uint8_asymmetric(lo, hi, false);
+                QuantParams { scale, zero_point, zero_point_type: elem::UINT8 }
+            }
+            ActivationType::Int8 => {
+                let (scale, zero_point) = int8_symmetric(lo, hi, false);
+                QuantParams { scale, zero_point: zero_point as u8, zero_point_type: elem::INT8 }
+            }
+        }
+    }
+
+    /// One value's code, as the byte QuantizeLinear would store.
+    fn code(&self, value: f32) -> u8 {
+        let (low, high) = if self.zero_point_type == elem::UINT8 { (0.0, 255.0) } else { (-127.0, 127.0) };
+        let zero_point = if self.zero_point_type == elem::UINT8 {
+            f32::from(self.zero_point)
+        } else {
+            f32::from(self.zero_point as i8)
+        };
+        let code = ((value / self.scale).round_ties_even() + zero_point).clamp(low, high);
+        if self.zero_point_type == elem::UINT8 { code as u8 } else { code as i8 as u8 }
+    }
+
+    /// The scale and zero-point initializers, named `scale_name` and `zero_name`.
+    fn initializers(&self, scale_name: &str, zero_name: &str) -> [TensorProto; 2] {
+        [
+            float_tensor(scale_name, vec![], &[self.scale]),
+            TensorProto {
+                name: Some(zero_name.to_owned()),
+                data_type: Some(self.zero_point_type),
+                raw_data: Some(vec![self.zero_point]),
+                ..Default::default()
+            },
+        ]
+    }
+}
+
 /// Static INT8 with the given calibrated ranges (keys: tensor names from
 /// [`tensors_to_calibrate`]).
 pub fn quantize_static(
@@ -391,17 +430,7 @@ pub fn quantize_static(
             }
             (lo, hi) = clip_for_consumers((lo, hi), &consumers);
         }
-        let parameters = match options.activation_type {
-            ActivationType::Uint8 => {
-                let (scale, zero_point) = uint8_asymmetric(lo, hi, false);
-                QuantParams { scale, zero_point, zero_point_type: elem::UINT8 }
-            }
-            ActivationType::Int8 => {
-                let (scale, zero_point) = int8_symmetric(lo, hi, false);
-                QuantParams { scale, zero_point: zero_point as u8, zero_point_type: elem::INT8 }
-            }
-        };
-        params.insert(tensor.clone(), parameters);
+        params.insert(tensor.clone(), QuantParams::for_range(options.activation_type, lo, hi));
     }
 
     let mut new_initializers: Vec<TensorProto> = Vec::new();
@@ -411,13 +440,7 @@ pub fn quantize_static(
         let p = &params[tensor];
         let scale_name = names.fresh(&format!("{tensor}_scale"));
         let zero_name = names.fresh(&format!("{tensor}_zero_point"));
-        new_initializers.push(float_tensor(&scale_name, vec![], &[p.scale]));
-        new_initializers.push(TensorProto {
-            name: Some(zero_name.clone()),
-            data_type: Some(p.zero_point_type),
-            raw_data: Some(vec![p.zero_point]),
-            ..Default::default()
-        });
+        new_initializers.extend(p.initializers(&scale_name, &zero_name));
         let quantized_name = names.fresh(&format!("{tensor}_quantized"));
         let dequantized_name = names.fresh(&format!("{tensor}_dequantized"));
         let pair = vec![
@@ -443,23 +466,10 @@ pub fn quantize_static(
     let mut rebuilt = Vec::with_capacity(graph.node.len() + plan.tensors.len() * 2);
     let mut constant_dequantized: HashMap<String, String> = HashMap::new();
     for constant in &plan.constants {
-        let Some(values) = graph.initializer.iter().find(|t| t.name() == constant).and_then(f32_values) else {
-            continue;
-        };
+        let Some(tensor) = graph.initializer.iter().find(|t| t.name() == constant) else { continue };
+        let Some(values) = f32_values(tensor) else { continue };
         let (lo, hi) = values.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-        let (scale, zero_point, zero_point_type, bytes): (f32, u8, i32, Vec<u8>) = match options.activation_type {
-            ActivationType::Uint8 => {
-                let (scale, zero_point) = uint8_asymmetric(lo, hi, false);
-                let code = |v: f32| ((v / scale).round_ties_even() + f32::from(zero_point)).clamp(0.0, 255.0) as u8;
-                (scale, zero_point, elem::UINT8, values.iter().map(|&v| code(v)).collect())
-            }
-            ActivationType::Int8 => {
-                let (scale, zero_point) = int8_symmetric(lo, hi, false);
-                let code = |v: f32| (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8 as u8;
-                (scale, zero_point as u8, elem::INT8, values.iter().map(|&v| code(v)).collect())
-            }
-        };
-        let dims = graph.initializer.iter().find(|t| t.name() == constant).map(|t| t.dims.clone()).unwrap_or_default();
+        let p = QuantParams::for_range(options.activation_type, lo, hi);
         let (q_name, s_name, z_name, dq_name) = (
             names.fresh(&format!("{constant}_quantized")),
             names.fresh(&format!("{constant}_scale")),
@@ -468,18 +478,12 @@ pub fn quantize_static(
         );
         new_initializers.push(TensorProto {
             name: Some(q_name.clone()),
-            dims,
-            data_type: Some(zero_point_type),
-            raw_data: Some(bytes),
+            dims: tensor.dims.clone(),
+            data_type: Some(p.zero_point_type),
+            raw_data: Some(values.iter().map(|&v| p.code(v)).collect()),
             ..Default::default()
         });
-        new_initializers.push(float_tensor(&s_name, vec![], &[scale]));
-        new_initializers.push(TensorProto {
-            name: Some(z_name.clone()),
-            data_type: Some(zero_point_type),
-            raw_data: Some(vec![zero_point]),
-            ..Default::default()
-        });
+        new_initializers.extend(p.initializers(&s_name, &z_name));
         rebuilt.push(simple_node(
             names.fresh(&format!("{constant}_DequantizeLinear")),
             "DequantizeLinear",
