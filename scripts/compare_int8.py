@@ -407,25 +407,18 @@ def evaluate_model(case: dict, args, root: Path) -> dict:
         cmd = mantissa_cmd(model, out, "static", calibration, method, args.percentile)
         variants.append({"variant": f"mantissa static {method}", "converter": "mantissa",
                          **convert(cmd, out, work / f"log_mantissa_static_{method}", args.timeout, env)})
-    # The same recipe with the first and last layers quantized too: the node coverage ORT's
-    # quantizer has, for a like-for-like latency comparison.
-    all_layers = work / "all_layers_policy.yaml"
-    all_layers.write_text("variants:\n  q:\n    precision: int8\n    int8:\n      mode: static\n"
-                          f"      calibration_data: {calibration.resolve()}\n"
-                          "      keep_first_and_last_layers: false\n")
-    out = work / "mantissa_static_minmax_all_layers.onnx"
-    cmd = mantissa_cmd(model, out, "static", calibration, "minmax", policy=all_layers)
-    variants.append({"variant": "mantissa static minmax, all layers", "converter": "mantissa",
-                     **convert(cmd, out, work / "log_mantissa_static_all_layers", args.timeout, env)})
-    # int8 symmetric activations (S8S8), the policy's activation_type: int8.
-    s8s8 = work / "s8s8_policy.yaml"
-    s8s8.write_text("variants:\n  q:\n    precision: int8\n    int8:\n      mode: static\n"
-                    f"      calibration_data: {calibration.resolve()}\n"
-                    "      activation_type: int8\n")
-    out = work / "mantissa_static_minmax_s8s8.onnx"
-    cmd = mantissa_cmd(model, out, "static", calibration, "minmax", policy=s8s8)
-    variants.append({"variant": "mantissa static minmax, S8S8", "converter": "mantissa",
-                     **convert(cmd, out, work / "log_mantissa_static_s8s8", args.timeout, env)})
+    # The static recipe with one policy option changed: every layer quantized (the node
+    # coverage ORT's quantizer has, for a like-for-like latency comparison), and int8
+    # symmetric activations (S8S8).
+    for label, slug, option in [("all layers", "all_layers", "keep_first_and_last_layers: false"),
+                                ("S8S8", "s8s8", "activation_type: int8")]:
+        policy = work / f"{slug}_policy.yaml"
+        policy.write_text("variants:\n  q:\n    precision: int8\n    int8:\n      mode: static\n"
+                          f"      calibration_data: {calibration.resolve()}\n      {option}\n")
+        out = work / f"mantissa_static_minmax_{slug}.onnx"
+        cmd = mantissa_cmd(model, out, "static", calibration, "minmax", policy=policy)
+        variants.append({"variant": f"mantissa static minmax, {label}", "converter": "mantissa",
+                         **convert(cmd, out, work / f"log_mantissa_static_{slug}", args.timeout, env)})
     out = work / "mantissa_weight_only.onnx"
     variants.append({"variant": "mantissa weight-only int4", "converter": "mantissa",
                      **convert(mantissa_cmd(model, out, "weight-only"), out, work / "log_mantissa_weight_only",
