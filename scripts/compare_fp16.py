@@ -35,6 +35,7 @@ import onnx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests" / "python"))
 import fp16_harness  # noqa: E402
+from compare_int8 import file_size as model_size  # noqa: E402  (model file plus its external data)
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "fp16"
 EXAMPLES = REPO_ROOT / "examples" / "models"
@@ -62,16 +63,6 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
 
 def dir_size(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-
-
-def model_size(model_path: Path) -> int:
-    """Model file plus the external data files its initializers point at."""
-    model = onnx.load(str(model_path), load_external_data=False)
-    files = {model_path}
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            files.add(model_path.parent / {e.key: e.value for e in t.external_data}["location"])
-    return sum(p.stat().st_size for p in files if p.is_file())
 
 
 def convert_ours(fp32: Path, out_dir: Path, timeout: int) -> dict:
