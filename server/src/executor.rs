@@ -143,6 +143,23 @@ fn output_tensor(spec: &TensorSpec, value: &DynValue) -> Result<OutputTensor, Se
     Ok(OutputTensor { name: spec.name.clone(), datatype: spec.datatype, shape, raw })
 }
 
+/// The request's tensors as ONNX Runtime values, named after the model's inputs.
+fn session_inputs<'s>(
+    signature: &'s ModelSignature,
+    request: &ValidRequest,
+) -> Result<Vec<(&'s str, SessionInputValue<'static>)>, ServeError> {
+    signature
+        .inputs
+        .iter()
+        .zip(&request.inputs)
+        .map(|(spec, input)| {
+            let value =
+                input_value(input).map_err(|err| ServeError::Execution(format!("input '{}': {err}", spec.name)))?;
+            Ok((spec.name.as_str(), value.into()))
+        })
+        .collect()
+}
+
 /// Runs `request` and returns the requested outputs in the order the client asked for them.
 pub fn execute(
     session: &mut Session,
@@ -159,11 +176,7 @@ pub fn execute_timed(
     request: &ValidRequest,
 ) -> Result<(Vec<OutputTensor>, RunTimings), ServeError> {
     let started = Instant::now();
-    let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(request.inputs.len());
-    for (spec, input) in signature.inputs.iter().zip(&request.inputs) {
-        let value = input_value(input).map_err(|err| ServeError::Execution(format!("input '{}': {err}", spec.name)))?;
-        inputs.push((spec.name.as_str(), value.into()));
-    }
+    let inputs = session_inputs(signature, request)?;
     let prepared = Instant::now();
     let outputs = session.run(inputs).map_err(|err| ServeError::Execution(err.to_string()))?;
     let ran = Instant::now();
@@ -191,11 +204,7 @@ pub fn execute_visit(
     request: &ValidRequest,
     mut visit: impl FnMut(&str, &[u8]),
 ) -> Result<(), ServeError> {
-    let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(request.inputs.len());
-    for (spec, input) in signature.inputs.iter().zip(&request.inputs) {
-        let value = input_value(input).map_err(|err| ServeError::Execution(format!("input '{}': {err}", spec.name)))?;
-        inputs.push((spec.name.as_str(), value.into()));
-    }
+    let inputs = session_inputs(signature, request)?;
     let outputs = session.run(inputs).map_err(|err| ServeError::Execution(err.to_string()))?;
     for &index in &request.outputs {
         let spec = &signature.outputs[index];
