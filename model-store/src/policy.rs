@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use mantissa_quantize::fp16::Fp16Options;
 use mantissa_quantize::int8::{Int8Mode, Int8Options};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::yaml_location::line_of_key;
 
@@ -54,7 +54,7 @@ impl fmt::Display for PolicyError {
 }
 
 /// Numeric precision a variant executes in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     Fp32,
@@ -176,7 +176,7 @@ pub struct DriftSettings {
 }
 
 /// Minimum agreement a variant must reach with the reference.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriftBudget {
     pub min_cosine: Option<f64>,

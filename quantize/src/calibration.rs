@@ -30,7 +30,7 @@
 //! [`per_channel_int8_symmetric`] and [`quantize_bias_int32`] turn ranges and weights into the
 //! scales, zero points and integers that QuantizeLinear/DequantizeLinear and QLinear* nodes use.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Default percentile of [`CalibrationMethod::Percentile`].
 pub const DEFAULT_PERCENTILE: f64 = 99.99;
@@ -61,7 +61,7 @@ pub enum CalibrationMethod {
 }
 
 /// The `method:` key of a policy's `calibration:` section.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CalibrationMethodKind {
     /// `minmax`
@@ -77,7 +77,7 @@ pub enum CalibrationMethodKind {
 
 /// Options of static calibration (the `calibration:` section of a variant in policy.yaml), e.g.
 /// `calibration: {method: percentile, percentile: 99.9}`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CalibrationOptions {
     /// `minmax` (default), `percentile`, `entropy` or `mse`.

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use regex::Regex;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::elem;
 use crate::graph::{
@@ -66,7 +66,7 @@ pub const DEFAULT_OP_BLOCK_LIST: &[&str] = &[
 const PASS_THROUGH_OPS: &[&str] = &["Cast", "Dropout", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze"];
 
 /// Options of the FP16 pass (the `fp16:` section of a variant in policy.yaml).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fp16Options {
     /// Model inputs and outputs keep FP32 types; Casts sit at the boundary.

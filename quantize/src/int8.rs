@@ -18,7 +18,7 @@
 use std::collections::HashSet;
 
 use regex::Regex;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::calibration::{CalibrationOptions, per_channel_symmetric};
 use crate::elem;
@@ -29,7 +29,7 @@ use crate::tensor::f32_values;
 use crate::types::attribute;
 
 /// How activations are quantized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Int8Mode {
     /// Activations quantized at run time; no calibration data needed.
@@ -43,7 +43,7 @@ pub enum Int8Mode {
 }
 
 /// Element type of quantized activations in static mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ActivationType {
     /// uint8 asymmetric: the form ONNX Runtime fuses onto its u8s8 integer kernels on x86.
@@ -54,7 +54,7 @@ pub enum ActivationType {
 }
 
 /// Options of the INT8 passes (the `int8:` section of a variant in policy.yaml).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Int8Options {
     pub mode: Int8Mode,
