@@ -5,10 +5,12 @@
 //! strictly (unknown keys are errors) and validated into typed settings; every error names the
 //! file, the line and the key.
 
+mod duration;
 mod policy;
 mod repository;
 mod yaml_location;
 
+pub use duration::parse_duration;
 pub use policy::{
     BudgetMiss, DriftBudget, DriftSettings, Policy, PolicyError, Precision, ServingSettings, ShadowSettings, Split,
     VariantSpec,

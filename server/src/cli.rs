@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::registry::ServingDefaults;
-use crate::server::ServerConfig;
+use crate::commands::{analyze, bench, duration_arg, quantize};
+use crate::lifecycle::loading::ServingDefaults;
+use crate::lifecycle::startup::ServerConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,12 +43,12 @@ pub enum Command {
     Serve(ServeArgs),
     /// Measure a KServe v2 gRPC server's latency and throughput, optionally beside the same model
     /// run in-process on ONNX Runtime.
-    Bench(crate::bench::BenchArgs),
+    Bench(bench::BenchArgs),
     /// Convert an FP32 ONNX model with the same pass the server runs at startup, and print a summary.
-    Quantize(crate::quantize_cmd::QuantizeArgs),
+    Quantize(quantize::QuantizeArgs),
     /// Report how ready an FP32 model is for INT8 on sample data: input ranges, per-channel range spread, dead
     /// ReLU/Clip channels, saturated Sigmoid/Tanh inputs, MACCs per sample and the most INT8-sensitive nodes.
-    Analyze(crate::analyze::AnalyzeArgs),
+    Analyze(analyze::AnalyzeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -83,7 +84,7 @@ pub struct ServeArgs {
     pub build_concurrency: usize,
     /// Close client connections after this long (e.g. 5m), so HTTP/2 clients reconnect and
     /// spread over new replicas; in-flight calls get a grace period of the same length.
-    #[arg(long, env = "MANTISSA_MAX_CONNECTION_AGE", value_parser = parse_duration)]
+    #[arg(long, env = "MANTISSA_MAX_CONNECTION_AGE", value_parser = duration_arg)]
     pub max_connection_age: Option<Duration>,
 }
 
@@ -104,33 +105,16 @@ impl ServeArgs {
     }
 }
 
-/// Parses durations like `500ms`, `10s`, `2m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("expected a duration like 500ms, 10s or 2m, got '{text}'"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" | "" => value,
-        "m" => value * 60.0,
-        _ => {
-            return Err(format!("unknown duration unit '{unit}' in '{text}' (use ms, s or m)"));
-        }
-    };
-    Ok(Duration::from_secs_f64(seconds))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn durations_parse() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(duration_arg("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(duration_arg("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(duration_arg("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(duration_arg("5h").is_err());
     }
 
     #[test]

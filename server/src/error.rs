@@ -1,5 +1,6 @@
 //! The one error type requests fail with, and its mapping onto gRPC status codes.
 
+use mantissa_runtime::RuntimeError;
 use tonic::{Code, Status};
 
 /// Why a request was not answered with outputs. Cloneable so that one execution failure can
@@ -47,6 +48,17 @@ impl ServeError {
             ServeError::DeadlineExceeded { .. } => "deadline_exceeded",
             ServeError::ShuttingDown => "shutting_down",
             ServeError::Execution(_) => "execution",
+        }
+    }
+}
+
+/// A run that failed in ONNX Runtime (or whose outputs could not be read) is an internal error
+/// of the request that shared it.
+impl From<RuntimeError> for ServeError {
+    fn from(error: RuntimeError) -> Self {
+        match error {
+            RuntimeError::Execution(message) => ServeError::Execution(message),
+            other => ServeError::Execution(other.to_string()),
         }
     }
 }

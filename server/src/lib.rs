@@ -1,34 +1,22 @@
 //! Mantissa: serves ONNX models over the KServe v2 / Triton gRPC protocol.
 //!
-//! Data flows one way: a request is validated into a typed request (`validation`), handed to a
-//! variant's bounded queue and executed by a worker thread that owns an ONNX Runtime session
-//! (`worker`, `executor`), and answered by the gRPC handler (`service`). `server` wires the
-//! lifecycle; `bench` is the load generator.
+//! A request flows down through the folders: `api` validates the wire request into a typed
+//! [`mantissa_runtime::InferenceRequest`] (or an `INVALID_ARGUMENT` naming the field),
+//! `routing` picks the model's variant (explicit version, A/B split or default), `scheduling`
+//! queues it for the variant's worker threads, which batch and run it on ONNX Runtime sessions
+//! (`mantissa-runtime`), and `telemetry` records what happened. `lifecycle` starts it all:
+//! it prepares every variant (`mantissa-preparation`), self-tests it, measures startup drift,
+//! and shuts down cleanly. `commands` holds the other subcommands (bench, quantize, analyze).
+//!
+//! Dependencies point one way: lifecycle -> api -> routing -> scheduling -> telemetry, with
+//! `error` and `facts` beneath them all; `commands` and `cli` sit beside, at the top.
 
-pub mod analyze;
-pub mod artifact_cache;
-pub mod batching;
-pub mod bench;
-pub mod calibrate;
+pub mod api;
 pub mod cli;
-pub mod contents;
-pub mod datatype;
-pub mod drift;
+pub mod commands;
 pub mod error;
-pub mod executor;
-pub mod metrics;
-pub mod mixed_precision;
-pub mod npz;
-pub mod ort_runtime;
-pub mod peak_memory;
-pub mod quantize_cmd;
-pub mod registry;
-pub mod self_test;
-pub mod server;
-pub mod service;
-pub mod shadow;
-pub mod signature;
-pub mod statistics;
-pub mod validation;
-pub mod variant_build;
-pub mod worker;
+pub mod facts;
+pub mod lifecycle;
+pub mod routing;
+pub mod scheduling;
+pub mod telemetry;

@@ -52,12 +52,12 @@ fn main() -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("cannot bind metrics address {}", args.metrics_addr))?;
                 tracing::info!(grpc_addr = %grpc.local_addr()?, metrics_addr = %metrics.local_addr()?, "listening");
-                mantissa::server::run(args.server_config(), grpc, Some(metrics), shutdown_signal()).await?;
+                mantissa::lifecycle::startup::run(args.server_config(), grpc, Some(metrics), shutdown_signal()).await?;
                 Ok(())
             }
-            Command::Bench(args) => Ok(mantissa::bench::run(args).await?),
-            Command::Quantize(args) => Ok(mantissa::quantize_cmd::run(&args)?),
-            Command::Analyze(args) => Ok(mantissa::analyze::run(&args)?),
+            Command::Bench(args) => Ok(mantissa::commands::bench::run(args).await?),
+            Command::Quantize(args) => Ok(mantissa::commands::quantize::run(&args)?),
+            Command::Analyze(args) => Ok(mantissa::commands::analyze::run(&args)?),
         }
     })
 }

@@ -1,0 +1,94 @@
+//! `policy.yaml` exactly as it is spelled: every key optional where the file may omit it and
+//! nothing checked beyond types, so that serde's own errors (unknown key, wrong type) come out
+//! with the key path and line before any validation runs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use mantissa_quantize::fp16::Fp16Options;
+use mantissa_quantize::int8::Int8Options;
+use serde::Deserialize;
+
+use super::types::{BudgetMiss, DriftBudget, PolicyError, Precision, ShadowSettings};
+
+/// The whole file. Only `variants` is required; the other sections have defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    #[serde(default)]
+    pub(super) serving: RawServing,
+    pub(super) variants: BTreeMap<String, RawVariant>,
+    #[serde(default)]
+    pub(super) routing: RawRouting,
+    pub(super) drift: Option<RawDrift>,
+    pub(super) shadow: Option<ShadowSettings>,
+}
+
+/// A `serving:` section, top-level or per variant. Every key is optional so that a variant's
+/// section overrides only what it names; durations stay text until validation bounds them.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServing {
+    pub(super) max_batch_size: Option<u32>,
+    pub(super) instances: Option<u32>,
+    pub(super) intra_op_threads: Option<u32>,
+    pub(super) intra_op_spinning: Option<bool>,
+    pub(super) dynamic_batching: Option<bool>,
+    pub(super) max_queue_delay: Option<String>,
+    pub(super) max_queue_size: Option<u32>,
+    pub(super) default_timeout: Option<String>,
+    pub(super) preferred_batch_sizes: Option<Vec<u32>>,
+}
+
+/// One entry under `variants:`; its name is the map key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawVariant {
+    pub(super) precision: Precision,
+    #[serde(default)]
+    pub(super) serving: RawServing,
+    pub(super) fp16: Option<Fp16Options>,
+    pub(super) int8: Option<Int8Options>,
+}
+
+/// The `routing:` section; which variant names exist is checked during validation.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouting {
+    pub(super) default: Option<String>,
+    pub(super) split: Option<BTreeMap<String, u32>>,
+    pub(super) key: Option<String>,
+}
+
+/// The `drift:` section; `reference` falls back to the default variant during validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDrift {
+    pub(super) holdout_data: PathBuf,
+    pub(super) reference: Option<String>,
+    #[serde(default)]
+    pub(super) class_outputs: Vec<String>,
+    #[serde(default)]
+    pub(super) budget: DriftBudget,
+    #[serde(default)]
+    pub(super) on_budget_miss: BudgetMiss,
+}
+
+/// Deserializes policy text, turning serde's error into a [`PolicyError`] whose key is the
+/// dotted path serde was at and whose line is where the YAML parser stopped.
+pub(super) fn parse(text: &str, path: &Path) -> Result<RawPolicy, PolicyError> {
+    let deserializer = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let key = err.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        let inner = err.into_inner();
+        let line = inner.location().map(|location| location.line());
+        // serde_yaml appends " at line L column C"; the line is reported separately.
+        let message = inner.to_string();
+        let message = match message.find(" at line ") {
+            Some(cut) => message[..cut].to_owned(),
+            None => message,
+        };
+        PolicyError { file: path.to_owned(), line, key, message }
+    })
+}

@@ -1,0 +1,144 @@
+//! Static INT8 calibration: runs the FP32 model through ONNX Runtime on calibration samples
+//! and streams every tensor that will get a Q/DQ pair into fixed-size statistics, so memory
+//! stays bounded by one sample's activations whatever the number of samples.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use mantissa_quantize::calibration::{CalibrationOptions, TensorStatistics};
+use mantissa_quantize::int8_static::Ranges;
+use mantissa_quantize::onnx::{ModelProto, TypeProto, ValueInfoProto, type_proto};
+use mantissa_runtime::samples::{load_sample, sample_files};
+use mantissa_runtime::{Environment, execute, execute_visit, open_internal_session};
+
+use crate::error::PrepareError;
+
+/// What one calibration observes, and on which data.
+#[derive(Debug, Clone, Copy)]
+pub struct CalibrationJob<'a> {
+    /// The FP32 model.
+    pub model: &'a ModelProto,
+    /// Tensors whose ranges are wanted.
+    pub tensors: &'a [String],
+    /// A directory of `.npz`/`.npy` samples, or one file.
+    pub data: &'a Path,
+    pub options: &'a CalibrationOptions,
+    /// `model:variant`, for progress logs.
+    pub label: &'a str,
+}
+
+/// Runs the FP32 model once on the first sample of `data_dir`, as inference would: the
+/// yardstick for calibration's memory (calibration must stay within twice what this takes).
+pub fn run_first_sample(environment: &Environment, model: &ModelProto, data_dir: &Path) -> Result<(), PrepareError> {
+    let Some(file) = sample_files(data_dir)?.into_iter().next() else {
+        return Err(PrepareError::Observation("no calibration samples".to_owned()));
+    };
+    let (mut session, signature) = open_internal_session(environment, model)?;
+    let mut request = load_sample(&file, &signature)?;
+    request.outputs = (0..signature.outputs.len()).collect();
+    execute(&mut session, &signature, &request)
+        .map_err(|source| PrepareError::Sample { path: file.display().to_string(), source })?;
+    Ok(())
+}
+
+/// Extra outputs one calibration run may return at least (the larger of this and the largest
+/// tensor seen). ONNX Runtime keeps every declared graph output alive until a run ends, so a
+/// model probed for all its tensors at once would hold all its activations together; in
+/// groups of this size, calibration stays within about twice the memory of inference.
+const GROUP_FLOOR_BYTES: usize = 8 << 20;
+
+/// Calibrated ranges of the job's tensors over every sample of its data.
+///
+/// Tensors are observed in groups, one ONNX Runtime session per group declaring only that
+/// group's tensors as outputs, each group running over every sample. The first group holds
+/// one tensor; later groups are sized from the largest tensor seen so far, so their outputs
+/// together stay near `max(largest tensor, GROUP_FLOOR_BYTES)`. Small models fit in two groups.
+pub fn calibrate(environment: &Environment, job: &CalibrationJob<'_>) -> Result<Ranges, PrepareError> {
+    let started = Instant::now();
+    let files = sample_files(job.data)?;
+    let tensors = job.tensors;
+    let mut statistics: HashMap<String, TensorStatistics> =
+        tensors.iter().map(|t| (t.clone(), TensorStatistics::new(job.options.bins))).collect();
+    let mut pending = tensors;
+    let mut largest = 0usize;
+    let mut group_len = 1;
+    let mut groups = 0;
+    while !pending.is_empty() {
+        let (group, rest) = pending.split_at(group_len.min(pending.len()));
+        groups += 1;
+        let mut probe = job.model.clone();
+        add_float_outputs(&mut probe, group)?;
+        let (mut session, signature) = open_internal_session(environment, &probe)?;
+        let wanted: Vec<usize> = group
+            .iter()
+            .map(|t| {
+                signature
+                    .outputs
+                    .iter()
+                    .position(|o| &o.name == t)
+                    .ok_or_else(|| PrepareError::Observation(format!("tensor '{t}' is not observable")))
+            })
+            .collect::<Result<_, _>>()?;
+        for (done, file) in files.iter().enumerate() {
+            let mut request = load_sample(file, &signature)?;
+            request.outputs = wanted.clone();
+            execute_visit(&mut session, &signature, &request, |name, bytes| {
+                largest = largest.max(bytes.len());
+                if let Some(stats) = statistics.get_mut(name) {
+                    observe_le_f32(stats, bytes);
+                }
+            })
+            .map_err(|source| PrepareError::Sample { path: file.display().to_string(), source })?;
+            tracing::info!(
+                variant = job.label,
+                pass = "int8 calibration",
+                group = groups,
+                tensors_done = tensors.len() - rest.len(),
+                tensors_total = tensors.len(),
+                samples_done = done + 1,
+                samples_total = files.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "calibrating"
+            );
+        }
+        drop(session);
+        mantissa_runtime::memory::release_free_memory();
+        pending = rest;
+        group_len = (largest.max(GROUP_FLOOR_BYTES) / largest.max(1)).max(1);
+    }
+    let method = job.options.method();
+    Ok(statistics.into_iter().map(|(name, stats)| (name, stats.range_with(method, job.options.symmetric))).collect())
+}
+
+/// Declares `tensors` as extra float outputs of `model`, so a run returns them.
+pub fn add_float_outputs(model: &mut ModelProto, tensors: &[String]) -> Result<(), PrepareError> {
+    let graph = model.graph.as_mut().ok_or_else(|| PrepareError::Observation("model has no graph".to_owned()))?;
+    for tensor in tensors {
+        if !graph.output.iter().any(|o| o.name() == tensor) {
+            graph.output.push(ValueInfoProto {
+                name: Some(tensor.clone()),
+                r#type: Some(TypeProto {
+                    value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                        elem_type: Some(mantissa_quantize::elem::FLOAT),
+                        shape: None,
+                    })),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Streams little-endian f32 bytes into `stats` a block at a time, without a full copy.
+fn observe_le_f32(stats: &mut TensorStatistics, raw: &[u8]) {
+    const BLOCK: usize = 16 * 1024;
+    let mut values = Vec::with_capacity(BLOCK);
+    for chunk in raw.chunks(BLOCK * 4) {
+        values.clear();
+        values.extend(chunk.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        stats.observe(&values);
+    }
+}

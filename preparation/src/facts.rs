@@ -1,0 +1,78 @@
+//! Facts about how a variant was built: the precision pass's figures, the budget search's
+//! outcome, the artifact size and time. Typed here, stored with cached artifacts, and rendered
+//! into ModelConfig parameters by the serving layer in one place.
+
+use mantissa_model_store::Precision;
+use mantissa_quantize::calibration::CalibrationMethodKind;
+use mantissa_quantize::int8::Int8Mode;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildFacts {
+    pub precision: Precision,
+    /// Bytes of the model the sessions load.
+    pub artifact_bytes: u64,
+    /// Time the pass (or the cache load) took.
+    pub build_ms: u64,
+    pub fp16: Option<Fp16Facts>,
+    pub int8: Option<Int8Facts>,
+    /// Whether the artifact came from the cache; `None` without a cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheOutcome>,
+}
+
+impl BuildFacts {
+    pub fn new(precision: Precision) -> Self {
+        Self { precision, artifact_bytes: 0, build_ms: 0, fp16: None, int8: None, cache: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheOutcome {
+    Hit,
+    Miss,
+}
+
+impl CacheOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fp16Facts {
+    pub nodes_converted: usize,
+    pub nodes_kept_fp32: usize,
+    pub casts_inserted: usize,
+    pub values_clamped: usize,
+    pub keep_io_types: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Int8Facts {
+    pub mode: Int8Mode,
+    pub nodes_quantized: usize,
+    pub nodes_kept_fp32: usize,
+    pub activations_quantized: usize,
+    pub per_channel: bool,
+    /// The reduce_range in effect (resolved for the building CPU when the policy left it open).
+    pub reduce_range: bool,
+    /// Static mode only.
+    pub calibration_method: Option<CalibrationMethodKind>,
+    /// Present when a drift budget drove a mixed-precision search that met it.
+    pub budget_search: Option<SearchFacts>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchFacts {
+    /// Nodes the search kept in FP32, in the order it added them.
+    pub kept_fp32: Vec<String>,
+    /// Worst output cosine with FP32 on the holdout data, after the search.
+    pub cosine: f64,
+    /// The same before the search (the plain recipe).
+    pub plain_recipe_cosine: f64,
+}

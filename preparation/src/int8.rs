@@ -1,0 +1,86 @@
+//! The INT8 step of preparation: dynamic and weight-only passes directly; static after
+//! calibrating, and through the budget search when the policy gives a drift budget.
+
+use mantissa_model_store::{BudgetMiss, ModelEntry, VariantSpec};
+use mantissa_quantize::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic, quantize_weight_only};
+use mantissa_quantize::int8_static::{quantize_static, tensors_to_calibrate};
+use mantissa_quantize::onnx::ModelProto;
+use mantissa_runtime::Environment;
+
+use crate::calibrate::{CalibrationJob, calibrate};
+use crate::error::PrepareError;
+use crate::search::{BudgetSearch, SearchReport, StaticRecipe, search};
+
+/// What to quantize a model with.
+#[derive(Debug, Clone, Copy)]
+pub struct Int8Job<'a> {
+    pub options: &'a Int8Options,
+    /// `model:variant`, for logs.
+    pub label: &'a str,
+    /// A drift budget to meet by keeping nodes FP32 (static mode only).
+    pub budget: Option<BudgetSearch<'a>>,
+}
+
+/// The policy's drift budget, when it applies to this variant: a static INT8 variant of a
+/// model whose policy names holdout data and a budget.
+pub fn budget_for<'a>(entry: &'a ModelEntry, spec: &VariantSpec) -> Option<BudgetSearch<'a>> {
+    let drift = entry.policy.drift.as_ref()?;
+    let is_static = spec.int8.as_ref().is_some_and(|o| o.mode == Int8Mode::Static);
+    let has_budget = drift.budget.min_cosine.is_some() || drift.budget.min_top1_agreement.is_some();
+    (is_static && has_budget && spec.name != drift.reference).then_some(BudgetSearch {
+        holdout: &drift.holdout_data,
+        class_outputs: &drift.class_outputs,
+        budget: &drift.budget,
+        serve_flagged: drift.on_budget_miss == BudgetMiss::ServeFlagged,
+    })
+}
+
+/// Runs the INT8 pass of the job on `model`, in place.
+pub fn quantize_int8(
+    environment: &Environment,
+    model: &mut ModelProto,
+    job: &Int8Job<'_>,
+) -> Result<(Int8Report, Option<SearchReport>), PrepareError> {
+    let options = job.options;
+    match options.mode {
+        Int8Mode::Dynamic => quantize_dynamic(model, options)
+            .map(|report| (report, None))
+            .map_err(|source| PrepareError::Int8 { mode: "int8 dynamic", source }),
+        Int8Mode::WeightOnly => quantize_weight_only(model, options)
+            .map(|report| (report, None))
+            .map_err(|source| PrepareError::Int8 { mode: "int8 weight-only", source }),
+        Int8Mode::Static => quantize_calibrated(environment, model, job),
+    }
+}
+
+fn static_error(source: mantissa_quantize::int8::Int8Error) -> PrepareError {
+    PrepareError::Int8 { mode: "int8 static", source }
+}
+
+fn quantize_calibrated(
+    environment: &Environment,
+    model: &mut ModelProto,
+    job: &Int8Job<'_>,
+) -> Result<(Int8Report, Option<SearchReport>), PrepareError> {
+    let options = job.options;
+    let data = options.calibration_data.as_ref().ok_or(PrepareError::NoCalibrationData)?;
+    let tensors = tensors_to_calibrate(model, options).map_err(static_error)?;
+    let calibration =
+        CalibrationJob { model, tensors: &tensors, data, options: &options.calibration, label: job.label };
+    let ranges = calibrate(environment, &calibration)?;
+    let Some(budget) = job.budget else {
+        return quantize_static(model, options, &ranges).map(|report| (report, None)).map_err(static_error);
+    };
+    let recipe = StaticRecipe { fp32: model, options, ranges: &ranges };
+    match search(environment, &recipe, &budget) {
+        Ok((quantized, report, searched)) => {
+            *model = quantized;
+            Ok((report, Some(searched)))
+        }
+        Err(missed) if budget.serve_flagged => {
+            tracing::warn!(variant = job.label, %missed, "budget search failed; serving the plain recipe flagged");
+            quantize_static(model, options, &ranges).map(|report| (report, None)).map_err(static_error)
+        }
+        Err(missed) => Err(missed),
+    }
+}

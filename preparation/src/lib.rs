@@ -1,0 +1,31 @@
+//! Model preparation: what happens to a model between its FP32 file and the sessions that
+//! serve it. The flow, one module per step:
+//!
+//! - [`build`]: parse the model and run the variant's precision pass ([`build_variant`]);
+//! - [`int8`]: the INT8 step (dynamic, weight-only, or static: calibrate, then search);
+//! - [`calibrate`]: static calibration on sample data, tensors observed in groups;
+//! - [`search`]: the accuracy-budget search that keeps the most sensitive nodes FP32;
+//! - [`accuracy`]: the one comparison loop and budget check, shared with the server's startup
+//!   drift check and live shadow comparison;
+//! - [`cache`] and [`cached`]: the content-addressed artifact cache and building through it;
+//! - [`facts`]: typed facts about how a variant was built;
+//! - [`error`]: the one error type, [`PrepareError`].
+//!
+//! Models run through `mantissa-runtime` sessions opened here, or through closures the caller
+//! passes (the server's workers); nothing here knows about gRPC or serving workers.
+
+pub mod accuracy;
+pub mod build;
+pub mod cache;
+pub mod cached;
+pub mod calibrate;
+pub mod error;
+pub mod facts;
+pub mod int8;
+pub mod search;
+
+pub use build::{BuiltVariant, build_variant};
+pub use cache::ArtifactCache;
+pub use cached::build_variant_cached;
+pub use error::PrepareError;
+pub use facts::BuildFacts;

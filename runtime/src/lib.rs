@@ -1,0 +1,37 @@
+//! ONNX Runtime for Mantissa: everything that touches `ort`, and the typed currency the layers
+//! above exchange. No gRPC and no async runtime here.
+//!
+//! - [`environment`]: finding and loading `libonnxruntime.so`, the one process-wide environment.
+//! - [`datatype`]: element types in every vocabulary (KServe strings, Triton enums, ONNX).
+//! - [`tensor`]: typed input and output tensors and the [`InferenceRequest`] they travel in.
+//! - [`bytes_layout`]: the length-prefixed layout of BYTES (string) tensors.
+//! - [`signature`]: what a session takes and returns, and whether it batches.
+//! - [`session`]: where a model comes from ([`ModelSource`]) and opening sessions on it.
+//! - [`execute`]: running a request on a session, with timings.
+//! - [`samples`]: `.npz`/`.npy` sample files (calibration, holdout, benchmark inputs).
+//! - [`memory`]: peak resident memory of a phase, and handing freed memory back.
+//! - [`error`]: the one error type, [`RuntimeError`].
+
+pub mod bytes_layout;
+pub mod datatype;
+pub mod environment;
+pub mod error;
+pub mod execute;
+pub mod memory;
+pub mod samples;
+pub mod session;
+pub mod signature;
+pub mod tensor;
+
+pub use datatype::DataType;
+pub use environment::{OrtSetupError, load_environment};
+pub use error::RuntimeError;
+pub use execute::{RunTimings, execute, execute_timed, execute_visit, warmup_request};
+pub use session::{ModelSource, SessionConfig, open_internal_session, open_session};
+pub use signature::{ModelSignature, TensorSpec, signature_of};
+pub use tensor::{InferenceRequest, InputTensor, OutputTensor, TensorData};
+
+/// The ONNX Runtime types callers hold on to (sessions, the environment), re-exported so that
+/// crates above do not need their own `ort` dependency for them.
+pub use ort::environment::Environment;
+pub use ort::session::Session;

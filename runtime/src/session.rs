@@ -1,0 +1,72 @@
+//! Where a model comes from and how sessions are opened on it. A session belongs to the one
+//! thread that runs it; callers open one per worker.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mantissa_quantize::onnx::ModelProto;
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+
+use crate::error::RuntimeError;
+use crate::signature::{ModelSignature, signature_of};
+
+/// Where a session reads its model from: the FP32 file as it is, or a variant built in memory.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    File(PathBuf),
+    Memory(Arc<[u8]>),
+}
+
+/// Options for building a session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionConfig {
+    /// Intra-op threads; 0 lets ONNX Runtime pick (all cores, which oversubscribes when
+    /// several workers share a machine).
+    pub intra_op_threads: u32,
+    /// Let idle intra-op threads spin (ONNX Runtime's default) instead of sleeping.
+    pub intra_op_spinning: bool,
+}
+
+impl SessionConfig {
+    /// For internal work (calibration, drift checks, the budget search, analysis): ONNX
+    /// Runtime picks the threads, idle threads sleep.
+    pub const INTERNAL: SessionConfig = SessionConfig { intra_op_threads: 0, intra_op_spinning: false };
+}
+
+pub fn open_session(
+    environment: &Environment,
+    model: &ModelSource,
+    config: SessionConfig,
+) -> Result<Session, RuntimeError> {
+    let describe = |err: ort::Error| RuntimeError::Session(err.to_string());
+    let mut builder = Session::builder(environment)
+        .map_err(describe)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|err| RuntimeError::Session(err.to_string()))?;
+    if config.intra_op_threads > 0 {
+        builder = builder
+            .with_intra_threads(config.intra_op_threads as usize)
+            .map_err(|err| RuntimeError::Session(err.to_string()))?;
+    }
+    builder = builder
+        .with_intra_op_spinning(config.intra_op_spinning)
+        .map_err(|err| RuntimeError::Session(err.to_string()))?;
+    match model {
+        ModelSource::File(path) => builder.commit_from_file(path).map_err(describe),
+        ModelSource::Memory(bytes) => builder.commit_from_memory(bytes).map_err(describe),
+    }
+}
+
+/// A session over an in-memory model for internal work, with the model's signature (no
+/// batching limit: internal callers send what their samples hold).
+pub fn open_internal_session(
+    environment: &Environment,
+    model: &ModelProto,
+) -> Result<(Session, ModelSignature), RuntimeError> {
+    let source = ModelSource::Memory(mantissa_quantize::to_bytes(model).into());
+    let session = open_session(environment, &source, SessionConfig::INTERNAL)?;
+    let signature = signature_of(&session, Some(0), 0)?;
+    Ok((session, signature))
+}

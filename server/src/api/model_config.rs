@@ -1,0 +1,157 @@
+//! Triton's ModelConfig for one variant: its signature and serving settings in Triton's
+//! terms, and, as parameters, everything known about how the variant was built and checked.
+//! This is the one place the typed facts become `parameters` strings.
+
+use std::collections::HashMap;
+
+use mantissa_preparation::facts::{BuildFacts, Fp16Facts, Int8Facts};
+use mantissa_proto::inference::{
+    ModelConfig, ModelDynamicBatching, ModelInput, ModelInstanceGroup, ModelOutput, ModelParameter, model_config,
+    model_instance_group,
+};
+use mantissa_runtime::{ModelSignature, TensorSpec};
+
+use crate::facts::{BatchInvariance, BudgetVerdict, StartupDrift, VariantFacts};
+use crate::routing::registry::{ServedModel, Variant};
+
+/// Dimensions as Triton's ModelConfig lists them: without the batch dimension when batching.
+fn config_dims(spec: &TensorSpec, signature: &ModelSignature) -> Vec<i64> {
+    if signature.batches() { spec.dims[1..].to_vec() } else { spec.dims.clone() }
+}
+
+pub fn model_config(served: &ServedModel, variant: &Variant, signature: &ModelSignature) -> ModelConfig {
+    let serving = &variant.spec.serving;
+    let mut parameters = Parameters::default();
+    parameters.set("variant", &variant.spec.name);
+    parameters.set("precision", variant.spec.precision.as_str());
+    parameters.set("default_variant", &served.entry.policy.default_variant);
+    parameters.set("intra_op_threads", serving.intra_op_threads);
+    if let Some(facts) = variant.facts() {
+        render_facts(&facts, &mut parameters);
+    }
+    ModelConfig {
+        name: served.name().to_owned(),
+        platform: "onnxruntime_onnx".to_owned(),
+        backend: "onnxruntime".to_owned(),
+        max_batch_size: signature.max_batch_size as i32,
+        input: signature
+            .inputs
+            .iter()
+            .map(|spec| ModelInput {
+                name: spec.name.clone(),
+                data_type: spec.datatype.triton_enum(),
+                dims: config_dims(spec, signature),
+                ..Default::default()
+            })
+            .collect(),
+        output: signature
+            .outputs
+            .iter()
+            .map(|spec| ModelOutput {
+                name: spec.name.clone(),
+                data_type: spec.datatype.triton_enum(),
+                dims: config_dims(spec, signature),
+                ..Default::default()
+            })
+            .collect(),
+        instance_group: vec![ModelInstanceGroup {
+            name: format!("{}_{}", served.name(), variant.spec.name),
+            kind: model_instance_group::Kind::Cpu as i32,
+            count: serving.instances as i32,
+            ..Default::default()
+        }],
+        default_model_filename: "model.onnx".to_owned(),
+        parameters: parameters.0,
+        scheduling_choice: (signature.batches() && serving.dynamic_batching).then(|| {
+            model_config::SchedulingChoice::DynamicBatching(ModelDynamicBatching {
+                max_queue_delay_microseconds: serving.max_queue_delay.as_micros() as u64,
+                preferred_batch_size: serving.preferred_batch_sizes.iter().map(|&size| size as i32).collect(),
+                ..Default::default()
+            })
+        }),
+        ..Default::default()
+    }
+}
+
+/// ModelConfig's string parameters.
+#[derive(Default)]
+struct Parameters(HashMap<String, ModelParameter>);
+
+impl Parameters {
+    fn set(&mut self, key: impl Into<String>, value: impl ToString) {
+        self.0.insert(key.into(), ModelParameter { string_value: value.to_string() });
+    }
+}
+
+fn render_facts(facts: &VariantFacts, out: &mut Parameters) {
+    render_build(&facts.build, out);
+    match facts.batch_invariance {
+        Some(BatchInvariance::NotRun) => out.set("batch_invariance", "not run (inference failed)"),
+        Some(BatchInvariance::Ran { passed, max_abs_diff }) => {
+            out.set("batch_invariance", if passed { "pass" } else { "fail" });
+            out.set("batch_invariance_max_abs_diff", format!("{max_abs_diff:e}"));
+        }
+        None => {}
+    }
+    if let Some(drift) = &facts.drift {
+        render_drift(drift, out);
+    }
+}
+
+fn render_build(build: &BuildFacts, out: &mut Parameters) {
+    out.set("precision", build.precision.as_str());
+    out.set("artifact_bytes", build.artifact_bytes);
+    out.set("build_ms", build.build_ms);
+    if let Some(cache) = build.cache {
+        out.set("cache", cache.as_str());
+    }
+    if let Some(fp16) = &build.fp16 {
+        render_fp16(fp16, out);
+    }
+    if let Some(int8) = &build.int8 {
+        render_int8(int8, out);
+    }
+}
+
+fn render_fp16(fp16: &Fp16Facts, out: &mut Parameters) {
+    out.set("fp16_nodes_converted", fp16.nodes_converted);
+    out.set("fp16_nodes_kept_fp32", fp16.nodes_kept_fp32);
+    out.set("fp16_casts_inserted", fp16.casts_inserted);
+    out.set("fp16_values_clamped", fp16.values_clamped);
+    out.set("fp16_keep_io_types", fp16.keep_io_types);
+}
+
+fn render_int8(int8: &Int8Facts, out: &mut Parameters) {
+    if let Some(search) = &int8.budget_search {
+        out.set("int8_budget_kept_fp32", search.kept_fp32.join(","));
+        out.set("int8_budget_search_cosine", search.cosine);
+        out.set("int8_plain_recipe_cosine", search.plain_recipe_cosine);
+    }
+    out.set("int8_mode", format!("{:?}", int8.mode).to_lowercase());
+    out.set("int8_nodes_quantized", int8.nodes_quantized);
+    out.set("int8_nodes_kept_fp32", int8.nodes_kept_fp32);
+    out.set("int8_activations_quantized", int8.activations_quantized);
+    out.set("int8_per_channel", int8.per_channel);
+    out.set("int8_reduce_range", int8.reduce_range);
+    if let Some(method) = int8.calibration_method {
+        out.set("int8_calibration_method", format!("{method:?}").to_lowercase());
+    }
+}
+
+fn render_drift(drift: &StartupDrift, out: &mut Parameters) {
+    for (output, figure) in &drift.outputs {
+        out.set(format!("drift_{output}_cosine"), figure.cosine);
+        out.set(format!("drift_{output}_sqnr_db"), figure.sqnr_db);
+        out.set(format!("drift_{output}_max_abs"), figure.max_abs);
+        out.set(format!("drift_{output}_rmse"), figure.rmse);
+        if let Some(agreement) = figure.top1_agreement {
+            out.set(format!("drift_{output}_top1_agreement"), agreement);
+        }
+    }
+    out.set("drift_reference", &drift.reference);
+    match &drift.budget {
+        Some(BudgetVerdict::Met) => out.set("drift_budget", "met"),
+        Some(BudgetVerdict::Missed(miss)) => out.set("drift_budget", format!("missed: {miss}")),
+        None => {}
+    }
+}

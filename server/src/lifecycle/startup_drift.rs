@@ -1,0 +1,113 @@
+//! The startup drift check: each loaded variant of a model whose policy has a `drift` section
+//! runs the holdout samples beside the reference variant, through both variants' own workers,
+//! and is measured with preparation's accuracy module. A variant that misses the budget is not
+//! served, or is served flagged, as the policy says.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use mantissa_model_store::{BudgetMiss, DriftSettings};
+use mantissa_preparation::accuracy::{DriftReport, compare_runs};
+use mantissa_runtime::samples::{load_sample, sample_files};
+use mantissa_runtime::{InferenceRequest, OutputTensor};
+
+use crate::facts::{BudgetVerdict, StartupDrift};
+use crate::lifecycle::loading::LoadedVariants;
+use crate::routing::registry::{ServedModel, VariantState};
+use crate::scheduling::workers::WorkerPool;
+use crate::telemetry::metrics;
+
+/// Runs one request through a pool's workers as internal work and waits (blocking).
+fn run_internal(pool: &WorkerPool, request: &InferenceRequest) -> Result<Vec<OutputTensor>, String> {
+    let receiver = pool.submit_internal(request.clone()).map_err(|err| format!("{err:?}"))?;
+    receiver.blocking_recv().map_err(|_| "worker stopped".to_owned())?.map_err(|err| err.to_string())
+}
+
+/// Runs every holdout sample through both variants' workers (blocking) and returns the drift
+/// of each float output of the variant against the reference.
+fn measure(reference: &WorkerPool, variant: &WorkerPool, settings: &DriftSettings) -> Result<DriftReport, String> {
+    let signature = reference.signature();
+    let samples = sample_files(&settings.holdout_data)
+        .map_err(|err| err.to_string())?
+        .iter()
+        .map(|file| {
+            let mut request = load_sample(file, signature).map_err(|err| err.to_string())?;
+            request.outputs = (0..signature.outputs.len()).collect();
+            Ok(request)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    compare_runs(
+        &samples,
+        &settings.class_outputs,
+        |_, sample| {
+            run_internal(reference, sample).map(Cow::Owned).map_err(|err| format!("{}: reference: {err}", sample.id))
+        },
+        |_, sample| run_internal(variant, sample).map_err(|err| format!("{}: {err}", sample.id)),
+    )
+}
+
+/// Compares each loaded variant of `model` with the drift reference on holdout data, records
+/// the figures (facts, gauges, log), and removes variants that miss the budget when the
+/// policy says so.
+pub(crate) fn check_drift(model: &ServedModel, loaded: &mut LoadedVariants) {
+    let Some(settings) = &model.entry.policy.drift else { return };
+    let key = |variant: &str| (model.name().to_owned(), variant.to_owned());
+    let Some(reference) = loaded.get(&key(&settings.reference)).map(|(pool, _)| Arc::clone(pool)) else {
+        tracing::warn!(model = model.name(), reference = %settings.reference, "drift reference did not load; drift not measured");
+        return;
+    };
+    for variant in model.variants.iter().filter(|v| v.spec.name != settings.reference) {
+        let Some((pool, facts)) = loaded.get_mut(&key(&variant.spec.name)) else { continue };
+        let report = match measure(&reference, pool, settings) {
+            Ok(report) => report,
+            Err(reason) => {
+                tracing::warn!(model = model.name(), variant = %variant.spec.name, %reason, "drift not measured");
+                continue;
+            }
+        };
+        record(model, &variant.spec.name, settings, &report);
+        let has_budget = settings.budget.min_cosine.is_some() || settings.budget.min_top1_agreement.is_some();
+        let mut drift = StartupDrift {
+            reference: settings.reference.clone(),
+            outputs: report.outputs.clone(),
+            budget: has_budget.then_some(BudgetVerdict::Met),
+        };
+        if let Some(miss) = report.budget_miss(&settings.budget) {
+            match settings.on_budget_miss {
+                BudgetMiss::NotReady => {
+                    tracing::error!(model = model.name(), variant = %variant.spec.name, %miss, "variant misses its drift budget; not serving it");
+                    if let Some((pool, _)) = loaded.remove(&key(&variant.spec.name))
+                        && let Some(pool) = Arc::into_inner(pool)
+                    {
+                        pool.shutdown();
+                    }
+                    variant.set(VariantState::Failed(format!("drift budget missed: {miss}")));
+                    continue;
+                }
+                BudgetMiss::ServeFlagged => {
+                    tracing::warn!(model = model.name(), variant = %variant.spec.name, %miss, "variant misses its drift budget; serving it flagged");
+                    drift.budget = Some(BudgetVerdict::Missed(miss));
+                }
+            }
+        }
+        facts.drift = Some(drift);
+    }
+}
+
+/// Logs the figures and sets the startup drift gauges.
+fn record(model: &ServedModel, variant: &str, settings: &DriftSettings, report: &DriftReport) {
+    for (output, figure) in &report.outputs {
+        tracing::info!(
+            model = model.name(),
+            variant = %variant,
+            output = %output,
+            cosine = figure.cosine,
+            sqnr_db = figure.sqnr_db,
+            max_abs = figure.max_abs,
+            rmse = figure.rmse,
+            top1_agreement = ?figure.top1_agreement,
+            "startup drift against {}", settings.reference
+        );
+        metrics::set_startup_drift(model.name(), variant, output, figure);
+    }
+}
