@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, example_store, f32_bytes, fixture_store, mantissa_command, run_to_exit};
+use common::{TestServer, example_store, f32_bytes, fixture_store, mantissa_command, run_to_exit, scrape};
 use mantissa_proto::inference::ModelInferRequest;
 use mantissa_proto::inference::model_infer_request::InferInputTensor;
 
@@ -97,6 +97,19 @@ fn slow_request(rows: usize, id: usize) -> ModelInferRequest {
     }
 }
 
+/// Requests of `model` the server has received: those in flight plus those answered.
+fn requests_received(metrics: &str, model: &str) -> f64 {
+    let label = format!("model=\"{model}\"");
+    metrics
+        .lines()
+        .filter(|line| {
+            (line.starts_with("mantissa_requests_in_flight{") || line.starts_with("mantissa_requests_total{"))
+                && line.contains(&label)
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_load_finishes_every_accepted_request_and_exits_zero() {
     // Configured through the environment, as a container would.
@@ -112,8 +125,15 @@ async fn sigterm_during_load_finishes_every_accepted_request_and_exits_zero() {
             (result, std::time::Instant::now())
         }));
     }
-    // Let every request reach the server (they queue behind one slow worker), then stop it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until every request has reached the server (they queue behind one slow worker), then
+    // stop it. A request the client had not sent yet would meet the GOAWAY and rightly be
+    // refused, which says nothing about draining; so the test waits for the in-flight gauge
+    // rather than for a fixed time that a loaded machine may not honour.
+    let waiting_since = std::time::Instant::now();
+    while requests_received(&scrape(&server.metrics_addr), "slow_matmul") < in_flight as f64 {
+        assert!(waiting_since.elapsed() < Duration::from_secs(30), "requests never all reached the server");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let terminated_at = std::time::Instant::now();
     server.terminate();
 

@@ -2,7 +2,6 @@
 //! are started and warmed, batching variants pass the batch-invariance self-test, startup drift
 //! is measured against the reference, and only then does a variant become ready.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,6 +12,7 @@ use mantissa_runtime::{Environment, SessionConfig};
 use crate::facts::VariantFacts;
 use crate::lifecycle::self_test::batch_invariance;
 use crate::lifecycle::startup_drift::check_drift;
+use crate::lifecycle::{LoadedVariant, LoadedVariants};
 use crate::routing::registry::{Registry, ServedModel, Variant, VariantState};
 use crate::scheduling::workers::{WorkerPool, WorkerPoolConfig};
 use crate::telemetry::metrics;
@@ -34,12 +34,6 @@ pub struct BuildSettings {
     /// Content-addressed store of built variants; `None` builds every start.
     pub cache: Option<ArtifactCache>,
 }
-
-/// A variant whose workers run, with the facts its metadata will show.
-pub(crate) type LoadedVariant = (Arc<WorkerPool>, VariantFacts);
-
-/// Loaded variants by (model, variant) name.
-pub(crate) type LoadedVariants = HashMap<(String, String), LoadedVariant>;
 
 /// Builds every variant's workers (blocking: run it off the async runtime). Failures are
 /// recorded on the variant and logged; the other variants still load.

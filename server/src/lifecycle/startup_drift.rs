@@ -12,7 +12,7 @@ use mantissa_runtime::samples::{load_sample, sample_files};
 use mantissa_runtime::{InferenceRequest, OutputTensor};
 
 use crate::facts::{BudgetVerdict, StartupDrift};
-use crate::lifecycle::loading::LoadedVariants;
+use crate::lifecycle::LoadedVariants;
 use crate::routing::registry::{ServedModel, VariantState};
 use crate::scheduling::workers::WorkerPool;
 use crate::telemetry::metrics;
