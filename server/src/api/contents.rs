@@ -39,17 +39,32 @@ pub fn contents_field_for(datatype: DataType) -> Option<&'static str> {
     })
 }
 
+/// Typed contents that do not match the input they are for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContentsError {
+    #[error("{datatype} data must be sent in raw_input_contents (no typed contents field exists for it)")]
+    NoTypedField { datatype: DataType },
+    #[error("{datatype} data must be in {expected}, got {got}")]
+    WrongField { datatype: DataType, expected: &'static str, got: &'static str },
+    #[error("{field} holds {count} values, expected {elements} for the given shape")]
+    WrongCount { field: &'static str, count: usize, elements: usize },
+    #[error("{field}[{index}] = {value} is out of range for {datatype}")]
+    OutOfRange { field: &'static str, index: usize, value: i128, datatype: DataType },
+}
+
 /// Converts typed contents to raw bytes, checking that exactly the right field is used, that
 /// it holds `elements` values and that each value fits the datatype.
-pub fn typed_to_raw(contents: &InferTensorContents, datatype: DataType, elements: usize) -> Result<Vec<u8>, String> {
+pub fn typed_to_raw(
+    contents: &InferTensorContents,
+    datatype: DataType,
+    elements: usize,
+) -> Result<Vec<u8>, ContentsError> {
     let Some(expected_field) = contents_field_for(datatype) else {
-        return Err(format!(
-            "{datatype} data must be sent in raw_input_contents (no typed contents field exists for it)"
-        ));
+        return Err(ContentsError::NoTypedField { datatype });
     };
     let populated = populated_fields(contents);
     if let Some(wrong) = populated.iter().find(|field| **field != expected_field) {
-        return Err(format!("{datatype} data must be in {expected_field}, got {wrong}"));
+        return Err(ContentsError::WrongField { datatype, expected: expected_field, got: wrong });
     }
     let count = match datatype {
         DataType::Bool => contents.bool_contents.len(),
@@ -63,10 +78,10 @@ pub fn typed_to_raw(contents: &InferTensorContents, datatype: DataType, elements
         DataType::Fp16 | DataType::Bf16 => 0,
     };
     if count != elements {
-        return Err(format!("{expected_field} holds {count} values, expected {elements} for the given shape"));
+        return Err(ContentsError::WrongCount { field: expected_field, count, elements });
     }
     let out_of_range =
-        |index: usize, value: i128| format!("{expected_field}[{index}] = {value} is out of range for {datatype}");
+        |index: usize, value: i128| ContentsError::OutOfRange { field: expected_field, index, value, datatype };
     Ok(match datatype {
         DataType::Bool => contents.bool_contents.iter().map(|&b| u8::from(b)).collect(),
         DataType::Int8 => {
@@ -128,19 +143,24 @@ mod tests {
         assert!(
             typed_to_raw(&contents, DataType::Int8, 1)
                 .unwrap_err()
+                .to_string()
                 .contains("int_contents[0] = 300 is out of range for INT8")
         );
         let contents = InferTensorContents { int64_contents: vec![1], ..Default::default() };
         assert!(
             typed_to_raw(&contents, DataType::Fp32, 1)
                 .unwrap_err()
+                .to_string()
                 .contains("must be in fp32_contents, got int64_contents")
         );
         let contents = InferTensorContents { fp32_contents: vec![1.0; 3], ..Default::default() };
-        assert!(typed_to_raw(&contents, DataType::Fp32, 4).unwrap_err().contains("holds 3 values, expected 4"));
+        assert!(
+            typed_to_raw(&contents, DataType::Fp32, 4).unwrap_err().to_string().contains("holds 3 values, expected 4")
+        );
         assert!(
             typed_to_raw(&InferTensorContents::default(), DataType::Fp16, 1)
                 .unwrap_err()
+                .to_string()
                 .contains("raw_input_contents")
         );
     }

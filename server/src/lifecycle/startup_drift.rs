@@ -9,40 +9,69 @@ use std::sync::Arc;
 use mantissa_model_store::{BudgetMiss, DriftSettings};
 use mantissa_preparation::accuracy::{DriftReport, compare_runs};
 use mantissa_runtime::samples::{load_sample, sample_files};
-use mantissa_runtime::{InferenceRequest, OutputTensor};
+use mantissa_runtime::{InferenceRequest, OutputTensor, RuntimeError};
 
+use crate::error::ServeError;
 use crate::facts::{BudgetVerdict, StartupDrift};
 use crate::lifecycle::LoadedVariants;
 use crate::routing::registry::{ServedModel, VariantState};
-use crate::scheduling::workers::WorkerPool;
+use crate::scheduling::workers::{SubmitError, WorkerPool};
 use crate::telemetry::metrics;
 
+/// Why the startup drift of a variant could not be measured (logged; the variant still serves).
+#[derive(Debug, thiserror::Error)]
+enum DriftCheckError {
+    #[error(transparent)]
+    Samples(#[from] RuntimeError),
+    #[error("{sample}: reference: {reason}")]
+    Reference { sample: String, reason: RunError },
+    #[error("{sample}: {reason}")]
+    Variant { sample: String, reason: RunError },
+}
+
+/// Why an internal run on a variant's workers gave no outputs.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("{0:?}")]
+    Submit(SubmitError),
+    #[error("worker stopped")]
+    WorkerStopped,
+    #[error(transparent)]
+    Failed(#[from] ServeError),
+}
+
 /// Runs one request through a pool's workers as internal work and waits (blocking).
-fn run_internal(pool: &WorkerPool, request: &InferenceRequest) -> Result<Vec<OutputTensor>, String> {
-    let receiver = pool.submit_internal(request.clone()).map_err(|err| format!("{err:?}"))?;
-    receiver.blocking_recv().map_err(|_| "worker stopped".to_owned())?.map_err(|err| err.to_string())
+fn run_internal(pool: &WorkerPool, request: &InferenceRequest) -> Result<Vec<OutputTensor>, RunError> {
+    let receiver = pool.submit_internal(request.clone()).map_err(RunError::Submit)?;
+    Ok(receiver.blocking_recv().map_err(|_| RunError::WorkerStopped)??)
 }
 
 /// Runs every holdout sample through both variants' workers (blocking) and returns the drift
 /// of each float output of the variant against the reference.
-fn measure(reference: &WorkerPool, variant: &WorkerPool, settings: &DriftSettings) -> Result<DriftReport, String> {
+fn measure(
+    reference: &WorkerPool,
+    variant: &WorkerPool,
+    settings: &DriftSettings,
+) -> Result<DriftReport, DriftCheckError> {
     let signature = reference.signature();
-    let samples = sample_files(&settings.holdout_data)
-        .map_err(|err| err.to_string())?
-        .iter()
-        .map(|file| {
-            let mut request = load_sample(file, signature).map_err(|err| err.to_string())?;
-            request.outputs = (0..signature.outputs.len()).collect();
-            Ok(request)
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    let mut samples = Vec::new();
+    for file in sample_files(&settings.holdout_data)? {
+        let mut request = load_sample(&file, signature)?;
+        request.outputs = (0..signature.outputs.len()).collect();
+        samples.push(request);
+    }
     compare_runs(
         &samples,
         &settings.class_outputs,
         |_, sample| {
-            run_internal(reference, sample).map(Cow::Owned).map_err(|err| format!("{}: reference: {err}", sample.id))
+            run_internal(reference, sample)
+                .map(Cow::Owned)
+                .map_err(|reason| DriftCheckError::Reference { sample: sample.id.clone(), reason })
         },
-        |_, sample| run_internal(variant, sample).map_err(|err| format!("{}: {err}", sample.id)),
+        |_, sample| {
+            run_internal(variant, sample)
+                .map_err(|reason| DriftCheckError::Variant { sample: sample.id.clone(), reason })
+        },
     )
 }
 
