@@ -373,6 +373,7 @@ struct Case {
     message: &'static str,
 }
 
+/// Every bad variation of a good digits request, with the status and message it must get.
 fn bad_digits_cases() -> Vec<Case> {
     let good = digits_input(1);
     let mutate = |f: &dyn Fn(&mut ModelInferRequest)| {
@@ -380,6 +381,11 @@ fn bad_digits_cases() -> Vec<Case> {
         f(&mut request);
         request
     };
+    [lookup_and_input_cases(&mutate), type_and_shape_cases(&mutate), data_cases(&mutate)].concat()
+}
+
+/// Unknown models and versions; missing, duplicate and unknown inputs.
+fn lookup_and_input_cases(mutate: &dyn Fn(&dyn Fn(&mut ModelInferRequest)) -> ModelInferRequest) -> Vec<Case> {
     vec![
         Case {
             name: "unknown model",
@@ -417,6 +423,12 @@ fn bad_digits_cases() -> Vec<Case> {
             code: Code::InvalidArgument,
             message: "unexpected input 'pixels'; the model expects inputs [\"input\"]",
         },
+    ]
+}
+
+/// Datatypes, shapes and dimensions.
+fn type_and_shape_cases(mutate: &dyn Fn(&dyn Fn(&mut ModelInferRequest)) -> ModelInferRequest) -> Vec<Case> {
+    vec![
         Case {
             name: "wrong datatype",
             request: mutate(&|r| r.inputs[0].datatype = "FP64".into()),
@@ -447,6 +459,12 @@ fn bad_digits_cases() -> Vec<Case> {
             code: Code::InvalidArgument,
             message: "input 'input': shape [-1, 1, 8, 8] has a negative dimension",
         },
+    ]
+}
+
+/// Raw and typed payloads, batch limits and requested outputs.
+fn data_cases(mutate: &dyn Fn(&dyn Fn(&mut ModelInferRequest)) -> ModelInferRequest) -> Vec<Case> {
+    vec![
         Case {
             name: "raw size mismatch",
             request: mutate(&|r| r.raw_input_contents[0].truncate(252)),
