@@ -373,6 +373,9 @@ struct Case {
     message: &'static str,
 }
 
+/// Makes a variation of the good request.
+type Mutate<'a> = dyn Fn(&dyn Fn(&mut ModelInferRequest)) -> ModelInferRequest + 'a;
+
 /// Every bad variation of a good digits request, with the status and message it must get.
 fn bad_digits_cases() -> Vec<Case> {
     let good = digits_input(1);
@@ -381,11 +384,14 @@ fn bad_digits_cases() -> Vec<Case> {
         f(&mut request);
         request
     };
-    [lookup_and_input_cases(&mutate), type_and_shape_cases(&mutate), data_cases(&mutate)].concat()
+    [lookup_and_input_cases(&mutate), type_and_shape_cases(&mutate), data_cases(&mutate)]
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// Unknown models and versions; missing, duplicate and unknown inputs.
-fn lookup_and_input_cases(mutate: &dyn Fn(&dyn Fn(&mut ModelInferRequest)) -> ModelInferRequest) -> Vec<Case> {
+fn lookup_and_input_cases(mutate: &Mutate) -> Vec<Case> {
     vec![
         Case {
             name: "unknown model",
@@ -427,7 +433,7 @@ fn lookup_and_input_cases(mutate: &dyn Fn(&dyn Fn(&mut ModelInferRequest)) -> Mo
 }
 
 /// Datatypes, shapes and dimensions.
-fn type_and_shape_cases(mutate: &dyn Fn(&dyn Fn(&mut ModelInferRequest)) -> ModelInferRequest) -> Vec<Case> {
+fn type_and_shape_cases(mutate: &Mutate) -> Vec<Case> {
     vec![
         Case {
             name: "wrong datatype",
@@ -463,7 +469,7 @@ fn type_and_shape_cases(mutate: &dyn Fn(&dyn Fn(&mut ModelInferRequest)) -> Mode
 }
 
 /// Raw and typed payloads, batch limits and requested outputs.
-fn data_cases(mutate: &dyn Fn(&dyn Fn(&mut ModelInferRequest)) -> ModelInferRequest) -> Vec<Case> {
+fn data_cases(mutate: &Mutate) -> Vec<Case> {
     vec![
         Case {
             name: "raw size mismatch",
