@@ -4,8 +4,8 @@
 use std::time::Instant;
 
 use mantissa_model_store::{ModelEntry, Precision, VariantSpec};
-use mantissa_quantize::fp16::convert_to_fp16;
-use mantissa_quantize::int8::Int8Mode;
+use mantissa_quantize::passes::fp16::convert_to_fp16;
+use mantissa_quantize::passes::int8::Int8Mode;
 use mantissa_quantize::{load_model, to_bytes};
 use mantissa_runtime::{Environment, ModelSource};
 

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use mantissa_model_store::{DriftBudget, ModelEntry, Precision, VariantSpec};
-use mantissa_quantize::fp16::Fp16Options;
-use mantissa_quantize::int8::{Int8Mode, Int8Options};
+use mantissa_quantize::passes::fp16::Fp16Options;
+use mantissa_quantize::passes::int8::{Int8Mode, Int8Options};
 use mantissa_runtime::samples::sample_files;
 use mantissa_runtime::{Environment, ModelSource};
 use serde::Serialize;

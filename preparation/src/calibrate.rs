@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use mantissa_quantize::calibration::{CalibrationOptions, TensorStatistics};
-use mantissa_quantize::int8_static::Ranges;
 use mantissa_quantize::onnx::{ModelProto, TypeProto, ValueInfoProto, type_proto};
+use mantissa_quantize::passes::int8::Ranges;
 use mantissa_runtime::samples::{load_sample, sample_files};
 use mantissa_runtime::{Environment, execute, execute_visit, open_internal_session};
 

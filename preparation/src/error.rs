@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use mantissa_quantize::ModelIoError;
-use mantissa_quantize::fp16::Fp16Error;
-use mantissa_quantize::int8::Int8Error;
+use mantissa_quantize::passes::fp16::Fp16Error;
+use mantissa_quantize::passes::int8::Int8Error;
 use mantissa_runtime::RuntimeError;
 
 #[derive(Debug, thiserror::Error)]

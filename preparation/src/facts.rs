@@ -4,7 +4,7 @@
 
 use mantissa_model_store::Precision;
 use mantissa_quantize::calibration::CalibrationMethodKind;
-use mantissa_quantize::int8::Int8Mode;
+use mantissa_quantize::passes::int8::Int8Mode;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -2,9 +2,9 @@
 //! calibrating, and through the budget search when the policy gives a drift budget.
 
 use mantissa_model_store::{BudgetMiss, ModelEntry, VariantSpec};
-use mantissa_quantize::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic, quantize_weight_only};
-use mantissa_quantize::int8_static::{quantize_static, tensors_to_calibrate};
 use mantissa_quantize::onnx::ModelProto;
+use mantissa_quantize::passes::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic, quantize_weight_only};
+use mantissa_quantize::passes::int8::{quantize_static, tensors_to_calibrate};
 use mantissa_runtime::Environment;
 
 use crate::calibrate::{CalibrationJob, calibrate};
@@ -53,7 +53,7 @@ pub fn quantize_int8(
     }
 }
 
-fn static_error(source: mantissa_quantize::int8::Int8Error) -> PrepareError {
+fn static_error(source: mantissa_quantize::passes::int8::Int8Error) -> PrepareError {
     PrepareError::Int8 { mode: "int8 static", source }
 }
 

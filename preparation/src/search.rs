@@ -11,9 +11,9 @@ use std::borrow::Cow;
 use std::path::Path;
 
 use mantissa_model_store::DriftBudget;
-use mantissa_quantize::int8::{Int8Options, Int8Report};
-use mantissa_quantize::int8_static::{Ranges, quantize_static};
 use mantissa_quantize::onnx::ModelProto;
+use mantissa_quantize::passes::int8::{Int8Options, Int8Report};
+use mantissa_quantize::passes::int8::{Ranges, quantize_static};
 use mantissa_runtime::samples::{load_sample, sample_files};
 use mantissa_runtime::{Environment, InferenceRequest, OutputTensor, execute, open_internal_session};
 

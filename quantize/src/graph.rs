@@ -1,11 +1,12 @@
-//! Graph index and rewrite tools: producers and consumers of every value (including the
-//! outer-scope values subgraphs read), topological order, unique names, value-type updates,
-//! insertion of nodes on an edge and removal of dead nodes and initializers.
+//! The graph index: producers and consumers of every value (including the outer-scope values
+//! subgraphs read), topological order, and the first/last compute layers the precision rules
+//! single out. Everything here only reads a graph; [`crate::rewrite`] and the passes change it.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
-use crate::onnx::{GraphProto, NodeProto, TensorProto, type_proto};
+use crate::onnx::{GraphProto, NodeProto};
 
+/// A graph whose nodes have no valid order: passes need producers before readers.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GraphError {
     #[error("graph '{graph}' has a cycle or a value used before it is produced (involving node '{node}')")]
@@ -121,158 +122,6 @@ pub fn topological_order(graph: &GraphProto) -> Result<Vec<usize>, GraphError> {
     Ok(order)
 }
 
-/// Reorders `graph.node` topologically.
-pub fn sort_topologically(graph: &mut GraphProto) -> Result<(), GraphError> {
-    let order = topological_order(graph)?;
-    let mut nodes: Vec<Option<NodeProto>> = std::mem::take(&mut graph.node).into_iter().map(Some).collect();
-    graph.node = order.into_iter().filter_map(|i| nodes[i].take()).collect();
-    Ok(())
-}
-
-/// Hands out names not used anywhere in a graph (nor in its subgraphs), with predictable
-/// suffixes: `base`, then `base_1`, `base_2`, ...
-#[derive(Debug, Default, Clone)]
-pub struct NameGenerator {
-    used: HashSet<String>,
-}
-
-impl NameGenerator {
-    pub fn for_graph(graph: &GraphProto) -> Self {
-        let mut generator = NameGenerator::default();
-        generator.collect(graph);
-        generator
-    }
-
-    fn collect(&mut self, graph: &GraphProto) {
-        self.used.extend(graph.input.iter().chain(&graph.output).chain(&graph.value_info).map(|v| v.name().to_owned()));
-        self.used.extend(graph.initializer.iter().map(|t| t.name().to_owned()));
-        for node in &graph.node {
-            self.used.insert(node.name().to_owned());
-            self.used.extend(node.input.iter().chain(&node.output).cloned());
-            for attribute in &node.attribute {
-                for subgraph in attribute.g.iter().chain(&attribute.graphs) {
-                    self.collect(subgraph);
-                }
-            }
-        }
-    }
-
-    pub fn fresh(&mut self, base: &str) -> String {
-        let mut candidate = base.to_owned();
-        let mut counter = 0;
-        while self.used.contains(&candidate) {
-            counter += 1;
-            candidate = format!("{base}_{counter}");
-        }
-        self.used.insert(candidate.clone());
-        candidate
-    }
-}
-
-/// Sets the element type recorded for `value` in the graph's inputs, outputs or value_info.
-/// Returns whether a declaration was found.
-pub fn set_declared_elem_type(graph: &mut GraphProto, value: &str, elem_type: i32) -> bool {
-    let mut found = false;
-    for info in graph.input.iter_mut().chain(graph.output.iter_mut()).chain(graph.value_info.iter_mut()) {
-        if info.name() != value {
-            continue;
-        }
-        if let Some(type_proto::Value::TensorType(tensor)) = info.r#type.as_mut().and_then(|t| t.value.as_mut()) {
-            tensor.elem_type = Some(elem_type);
-            found = true;
-        }
-    }
-    found
-}
-
-/// Routes `value` through `node` for the consumers at `consumer_positions`: the node reads
-/// `value` and writes `new_value`, those consumers read `new_value` instead, and the node is
-/// placed right before the first of them.
-pub fn insert_on_edge(
-    graph: &mut GraphProto,
-    value: &str,
-    new_value: &str,
-    consumer_positions: &[usize],
-    node: NodeProto,
-) {
-    for &position in consumer_positions {
-        for input in graph.node[position].input.iter_mut().filter(|input| input.as_str() == value) {
-            *input = new_value.to_owned();
-        }
-    }
-    let at = consumer_positions.iter().copied().min().unwrap_or(graph.node.len());
-    graph.node.insert(at, node);
-}
-
-/// Removes nodes whose outputs nobody reads (graph outputs count as read), repeatedly, and
-/// then initializers nobody reads. Returns (nodes, initializers) removed.
-pub fn remove_dead(graph: &mut GraphProto) -> (usize, usize) {
-    let mut removed_nodes = 0;
-    loop {
-        let index = GraphIndex::build(graph);
-        let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name()).collect();
-        let before = graph.node.len();
-        graph.node.retain(|node| {
-            node.output
-                .iter()
-                .any(|o| !o.is_empty() && (outputs.contains(o.as_str()) || !index.consumers(o).is_empty()))
-        });
-        let removed = before - graph.node.len();
-        removed_nodes += removed;
-        if removed == 0 {
-            break;
-        }
-    }
-    let index = GraphIndex::build(graph);
-    let outputs: HashSet<String> = graph.output.iter().map(|o| o.name().to_owned()).collect();
-    let before = graph.initializer.len();
-    graph.initializer.retain(|t| !index.consumers(t.name()).is_empty() || outputs.contains(t.name()));
-    (removed_nodes, before - graph.initializer.len())
-}
-
-/// The Add that alone reads `node`'s output and adds a float initializer to it (a bias), as
-/// (the Add's position, the initializer's name). `None` when the output is a graph output.
-pub fn sole_bias_add<'g>(
-    graph: &'g GraphProto,
-    index: &GraphIndex,
-    node: &NodeProto,
-) -> Option<(usize, &'g TensorProto)> {
-    let output = node.output.first()?;
-    if graph.output.iter().any(|o| o.name() == output) {
-        return None;
-    }
-    let &[add] = index.consumers(output) else { return None };
-    let add_node = &graph.node[add];
-    if add_node.op_type() != "Add" || !add_node.domain().is_empty() || add_node.input.len() != 2 {
-        return None;
-    }
-    let bias = if &add_node.input[0] == output { &add_node.input[1] } else { &add_node.input[0] };
-    let tensor = graph.initializer.iter().find(|t| t.name() == bias && t.data_type() == crate::elem::FLOAT)?;
-    Some((add, tensor))
-}
-
-/// Folds each (node, Add, bias) of `merges` into the node: `attach` gives the node the bias,
-/// the node takes over the Add's output, and the Add is removed.
-pub fn fold_bias_adds(
-    graph: &mut GraphProto,
-    merges: &[(usize, usize, String)],
-    mut attach: impl FnMut(&mut NodeProto, String),
-) {
-    let mut removed = HashSet::new();
-    for (position, add, bias) in merges {
-        let output = graph.node[*add].output[0].clone();
-        let node = &mut graph.node[*position];
-        attach(node, bias.clone());
-        node.output = vec![output];
-        removed.insert(*add);
-    }
-    let mut position = 0;
-    graph.node.retain(|_| {
-        position += 1;
-        !removed.contains(&(position - 1))
-    });
-}
-
 /// Ops whose FLOPs make a layer "compute" for the first/last-layer rules of the passes.
 pub const COMPUTE_OPS: &[&str] = &["Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "LSTM", "GRU", "RNN"];
 
@@ -303,68 +152,19 @@ pub fn first_and_last_compute(graph: &GraphProto) -> (HashSet<usize>, HashSet<us
     (first, last)
 }
 
-/// Turns `Constant` nodes holding a tensor into initializers of the same name, so passes that
-/// look for constant weights find them whichever way the exporter stored them. Returns how
-/// many were moved.
-pub fn constants_to_initializers(graph: &mut GraphProto) -> usize {
-    let mut moved = 0;
-    let mut kept = Vec::with_capacity(graph.node.len());
-    for node in std::mem::take(&mut graph.node) {
-        let tensor = (node.op_type() == "Constant" && node.domain().is_empty() && node.output.len() == 1)
-            .then(|| node.attribute.iter().find(|a| a.name() == "value").and_then(|a| a.t.clone()))
-            .flatten();
-        match tensor {
-            Some(mut tensor) => {
-                tensor.name = Some(node.output[0].clone());
-                graph.initializer.push(tensor);
-                moved += 1;
-            }
-            None => kept.push(node),
-        }
-    }
-    graph.node = kept;
-    moved
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::onnx::{AttributeProto, TensorProto, ValueInfoProto};
-
-    fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
-        NodeProto {
-            name: Some(name.into()),
-            op_type: Some(op.into()),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: outputs.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
-    }
-
-    fn value(name: &str) -> ValueInfoProto {
-        ValueInfoProto { name: Some(name.into()), ..Default::default() }
-    }
-
-    fn graph(nodes: Vec<NodeProto>) -> GraphProto {
-        GraphProto {
-            name: Some("g".into()),
-            node: nodes,
-            input: vec![value("x")],
-            output: vec![value("y")],
-            initializer: vec![TensorProto { name: Some("w".into()), ..Default::default() }],
-            ..Default::default()
-        }
-    }
+    use crate::onnx::AttributeProto;
+    use crate::test_support::{graph, node, value};
 
     #[test]
     fn index_and_topological_order() {
-        let mut g = graph(vec![node("b", "Relu", &["a"], &["y"]), node("a", "MatMul", &["x", "w"], &["a"])]);
+        let g = graph(vec![node("b", "Relu", &["a"], &["y"]), node("a", "MatMul", &["x", "w"], &["a"])]);
         let index = GraphIndex::build(&g);
         assert_eq!(index.producer("a"), Some(1));
         assert_eq!(index.consumers("w"), &[1]);
         assert_eq!(topological_order(&g).unwrap(), vec![1, 0]);
-        sort_topologically(&mut g).unwrap();
-        assert_eq!(g.node[0].name(), "a");
     }
 
     #[test]
@@ -392,44 +192,5 @@ mod tests {
             ["w", "x"]
         );
         assert_eq!(GraphIndex::build(&g).consumers("w"), &[0]);
-    }
-
-    #[test]
-    fn constant_nodes_become_initializers() {
-        let mut constant = node("c", "Constant", &[], &["k"]);
-        constant.attribute.push(AttributeProto {
-            name: Some("value".into()),
-            t: Some(TensorProto { dims: vec![1], data_type: Some(1), float_data: vec![2.0], ..Default::default() }),
-            ..Default::default()
-        });
-        let mut g = graph(vec![constant, node("a", "MatMul", &["x", "k"], &["y"])]);
-        assert_eq!(constants_to_initializers(&mut g), 1);
-        assert_eq!(g.node.len(), 1);
-        let moved = g.initializer.iter().find(|t| t.name() == "k").unwrap();
-        assert_eq!(moved.float_data, vec![2.0]);
-    }
-
-    #[test]
-    fn names_are_fresh_and_predictable() {
-        let g = graph(vec![node("a", "Relu", &["x"], &["y"])]);
-        let mut names = NameGenerator::for_graph(&g);
-        assert_eq!(names.fresh("y"), "y_1");
-        assert_eq!(names.fresh("y"), "y_2");
-        assert_eq!(names.fresh("new"), "new");
-    }
-
-    #[test]
-    fn insertion_on_an_edge_and_dead_code_removal() {
-        let mut g = graph(vec![
-            node("a", "MatMul", &["x", "w"], &["a"]),
-            node("b", "Relu", &["a"], &["y"]),
-            node("dead", "Neg", &["a"], &["unused"]),
-        ]);
-        insert_on_edge(&mut g, "a", "a_cast", &[1], node("cast", "Cast", &["a"], &["a_cast"]));
-        assert_eq!(g.node[1].name(), "cast");
-        assert_eq!(g.node[2].input, vec!["a_cast"]);
-        g.initializer.push(TensorProto { name: Some("orphan".into()), ..Default::default() });
-        assert_eq!(remove_dead(&mut g), (1, 1));
-        assert!(topological_order(&g).is_ok());
     }
 }

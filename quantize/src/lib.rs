@@ -1,44 +1,35 @@
 //! ONNX models in, ONNX models out.
 //!
+//! Modules, one line each, in dependency order (each uses only modules above it):
 //! - [`onnx`]: protobuf types generated from our `onnx.proto` (field numbers as in ONNX).
-//! - [`model_io`]: load and save models, including external-data initializers.
-//! - [`graph`]: an index of producers and consumers, topological order, unique names and the
-//!   rewrite helpers passes use.
-//! - [`types`]: element-type inference for every value of a graph; [`ranks`]: rank inference.
-//! - [`tensor`]: reading and writing initializer values.
-//! - [`fp16`]: the FP32 -> FP16 pass that keeps precision-sensitive work in FP32.
-//! - [`int8`] and [`int8_static`]: dynamic and static (QDQ) INT8; [`calibration`] holds the
-//!   range statistics static calibration streams into.
+//! - [`elem`]: the ONNX element type numbers the passes use.
+//! - `model_io`: load and save models with external data ([`load_model`], [`save_model`], ...).
+//! - [`types`]: element-type inference for every value of a graph.
+//! - [`ranks`]: rank inference, where ONNX Runtime's fusions depend on ranks.
+//! - [`tensor`]: reading, building and narrowing initializer values.
+//! - [`graph`]: the read-only index: producers, consumers, topological order, first/last layers.
+//! - [`rewrite`]: rewrite helpers: fresh names, renaming, edge insertion, bias folding, dead code.
+//! - [`calibration`]: streamed range histograms and percentile/entropy/MSE threshold searches.
+//! - [`quant_params`]: scale/zero-point math: activations, per-channel weights, int32 bias, blocks.
+//! - [`passes::canonicalize`]: Constant nodes to initializers and topological order.
+//! - [`passes::fp16`]: FP32 -> FP16, keeping precision-sensitive work in FP32.
+//! - [`passes::int8`]: dynamic, static (QDQ) and weight-only INT8, and embedding tables.
 //!
 //! No tokio, no gRPC and no ONNX Runtime here: a pass is a function from model to model.
 
 pub mod calibration;
-pub mod fp16;
+pub mod elem;
 pub mod graph;
-pub mod int8;
-pub mod int8_static;
-pub mod model_io;
+mod model_io;
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod onnx;
+pub mod passes;
+pub mod quant_params;
 pub mod ranks;
+pub mod rewrite;
 pub mod tensor;
+#[cfg(test)]
+mod test_support;
 pub mod types;
 
-/// Generated ONNX protobuf types.
-#[allow(clippy::all, clippy::pedantic, missing_docs)]
-pub mod onnx {
-    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
-}
-
 pub use model_io::{ModelIoError, SaveOptions, load_model, load_model_from_bytes, save_model, to_bytes};
-
-/// ONNX's element type numbers (`TensorProto.DataType`) used by the passes.
-pub mod elem {
-    pub const FLOAT: i32 = 1;
-    pub const UINT8: i32 = 2;
-    pub const INT8: i32 = 3;
-    pub const INT32: i32 = 6;
-    pub const INT64: i32 = 7;
-    pub const STRING: i32 = 8;
-    pub const BOOL: i32 = 9;
-    pub const FLOAT16: i32 = 10;
-    pub const DOUBLE: i32 = 11;
-}

@@ -154,7 +154,7 @@ fn read_external(tensor: &mut TensorProto, base: &Path, model_path: &Path) -> Re
 }
 
 /// Visits every tensor of the model: initializers and tensor attributes, in every subgraph.
-pub fn for_each_tensor_mut<E>(
+fn for_each_tensor_mut<E>(
     model: &mut ModelProto,
     visit: &mut impl FnMut(&mut TensorProto) -> Result<(), E>,
 ) -> Result<(), E> {

@@ -1,4 +1,4 @@
-//! Reading and rewriting tensor values held in `TensorProto`s.
+//! Reading, building and rewriting tensor values held in `TensorProto`s.
 
 use half::f16;
 
@@ -45,6 +45,28 @@ pub fn narrow_to_f16(tensor: &mut TensorProto) -> Option<Narrowing> {
     tensor.raw_data = Some(raw);
     tensor.data_type = Some(elem::FLOAT16);
     Some(narrowing)
+}
+
+/// A FLOAT tensor holding `values` as little-endian `raw_data`.
+pub(crate) fn float_tensor(name: &str, dims: Vec<i64>, values: &[f32]) -> TensorProto {
+    TensorProto {
+        name: Some(name.to_owned()),
+        dims,
+        data_type: Some(elem::FLOAT),
+        raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+/// An INT8 tensor holding `values` as `raw_data`.
+pub(crate) fn int8_tensor(name: &str, dims: Vec<i64>, values: &[i8]) -> TensorProto {
+    TensorProto {
+        name: Some(name.to_owned()),
+        dims,
+        data_type: Some(elem::INT8),
+        raw_data: Some(values.iter().map(|v| *v as u8).collect()),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]

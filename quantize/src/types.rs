@@ -19,12 +19,28 @@ pub fn declared_elem_type(info: &ValueInfoProto) -> Option<i32> {
     }
 }
 
+/// The attribute of `node` named `name`, if the node sets it.
 pub fn attribute<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
     node.attribute.iter().find(|attribute| attribute.name() == name)
 }
 
+/// An integer attribute of `node`, or `default` (the operator's default) when not set.
+pub(crate) fn int_attribute_or(node: &NodeProto, name: &str, default: i64) -> i64 {
+    attribute(node, name).and_then(|a| a.i).unwrap_or(default)
+}
+
+/// A float attribute of `node`, or `default` (the operator's default) when not set.
+pub(crate) fn float_attribute_or(node: &NodeProto, name: &str, default: f32) -> f32 {
+    attribute(node, name).and_then(|a| a.f).unwrap_or(default)
+}
+
 fn attribute_int(node: &NodeProto, name: &str) -> Option<i64> {
     attribute(node, name).and_then(|a| a.i)
+}
+
+/// Whether `name` is a FLOAT (FP32) value: the values the precision passes rewrite.
+pub(crate) fn is_float(types: &ElemTypes, name: &str) -> bool {
+    !name.is_empty() && types.get(name) == Some(&elem::FLOAT)
 }
 
 /// Infers element types for `graph`, seeded with the types of outer-scope values.

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use mantissa_quantize::fp16::Fp16Options;
-use mantissa_quantize::int8::Int8Options;
+use mantissa_quantize::passes::fp16::Fp16Options;
+use mantissa_quantize::passes::int8::Int8Options;
 use serde::Deserialize;
 
 use super::types::{BudgetMiss, DriftBudget, PolicyError, Precision, ShadowSettings};

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use mantissa_quantize::int8::Int8Mode;
+use mantissa_quantize::passes::int8::Int8Mode;
 
 use super::{BudgetMiss, Policy, PolicyError, ServingSettings};
 

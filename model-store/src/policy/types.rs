@@ -8,8 +8,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mantissa_quantize::fp16::Fp16Options;
-use mantissa_quantize::int8::Int8Options;
+use mantissa_quantize::passes::fp16::Fp16Options;
+use mantissa_quantize::passes::int8::Int8Options;
 use serde::{Deserialize, Serialize};
 
 /// A policy file that could not be read, parsed or validated.

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use mantissa_quantize::int8::{Int8Error, Int8Mode, Int8Options};
+use mantissa_quantize::passes::int8::{Int8Error, Int8Mode, Int8Options};
 
 use super::raw::{RawDrift, RawPolicy, RawRouting, RawServing, RawVariant};
 use super::types::{
@@ -91,7 +91,7 @@ fn validate_variant(
     check_serving(&serving, &["variants", name, "serving"], source)?;
     let fp16 = pass_section(variant.precision, Precision::Fp16, &variant.fp16, &["variants", name, "fp16"], source)?;
     if let Some(options) = &fp16
-        && let Err(err) = mantissa_quantize::fp16::validate_options(options)
+        && let Err(err) = mantissa_quantize::passes::fp16::validate_options(options)
     {
         return Err(source.error(&["variants", name, "fp16", "node_block_list"], err.to_string()));
     }
@@ -107,7 +107,7 @@ fn validate_variant(
 /// directory, so that later stages get a path that works from any working directory.
 fn check_int8(name: &str, options: &mut Int8Options, source: &Source) -> Result<(), PolicyError> {
     let at = |leaf: &'static str| -> Vec<&str> { vec!["variants", name, "int8", leaf] };
-    if let Err(err) = mantissa_quantize::int8::validate_options(options) {
+    if let Err(err) = mantissa_quantize::passes::int8::validate_options(options) {
         let key = err.option_key().unwrap_or("mode");
         // The message after the key names the problem; the key is already in the location.
         let message = match &err {

@@ -10,9 +10,9 @@ use mantissa_preparation::calibrate::run_first_sample;
 use mantissa_preparation::int8::{Int8Job, quantize_int8};
 use mantissa_preparation::search::{BudgetSearch, SearchReport};
 use mantissa_quantize::calibration::CalibrationMethodKind;
-use mantissa_quantize::fp16::{Fp16Options, Fp16Report, convert_to_fp16};
-use mantissa_quantize::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic, quantize_weight_only};
 use mantissa_quantize::onnx::ModelProto;
+use mantissa_quantize::passes::fp16::{Fp16Options, Fp16Report, convert_to_fp16};
+use mantissa_quantize::passes::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic, quantize_weight_only};
 use mantissa_quantize::{ModelIoError, SaveOptions, load_model, save_model};
 use mantissa_runtime::memory;
 use mantissa_runtime::{Environment, OrtSetupError, load_environment};
@@ -205,7 +205,7 @@ fn int8_options(args: &QuantizeArgs) -> Result<Int8Options, QuantizeError> {
     if let Some(block_size) = args.block_size {
         options.block_size = block_size;
     }
-    mantissa_quantize::int8::validate_options(&options).map_err(|err| QuantizeError::Usage(err.to_string()))?;
+    mantissa_quantize::passes::int8::validate_options(&options).map_err(|err| QuantizeError::Usage(err.to_string()))?;
     if options.mode == Int8Mode::Static && options.calibration_data.is_none() {
         return Err(QuantizeError::Usage(
             "--mode static needs --calibration-data DIR (or a policy that names it)".to_owned(),

@@ -7,11 +7,12 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use mantissa_quantize::elem;
-use mantissa_quantize::graph::{GraphIndex, constants_to_initializers, sort_topologically};
-use mantissa_quantize::int8::{Int8Mode, Int8Options};
-use mantissa_quantize::int8_static::{quantize_static, tensors_to_calibrate};
+use mantissa_quantize::graph::GraphIndex;
 use mantissa_quantize::load_model;
 use mantissa_quantize::onnx::{GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
+use mantissa_quantize::passes::canonicalize::{constants_to_initializers, sort_topologically};
+use mantissa_quantize::passes::int8::{Int8Mode, Int8Options};
+use mantissa_quantize::passes::int8::{quantize_static, tensors_to_calibrate};
 use mantissa_quantize::tensor::f32_values;
 use mantissa_quantize::types::{ElemTypes, attribute, infer_elem_types};
 

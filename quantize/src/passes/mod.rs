@@ -1,0 +1,6 @@
+//! The passes, each a function from model to model: [`canonicalize`] first (each pass applies
+//! the steps it needs), then one precision pass, [`fp16`] or one of [`int8`]'s.
+
+pub mod canonicalize;
+pub mod fp16;
+pub mod int8;
