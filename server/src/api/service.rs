@@ -22,7 +22,8 @@ use crate::error::ServeError;
 use crate::routing::registry::{Registry, ServedModel, Variant};
 use crate::routing::shadow::{ShadowSample, Shadows};
 use crate::routing::split::{parameter_text, route};
-use crate::scheduling::workers::{SubmitError, WorkerPool};
+use crate::scheduling::queue::SubmitError;
+use crate::scheduling::workers::WorkerPool;
 use crate::telemetry::metrics;
 
 /// Protocol extensions this server implements, as listed by ServerMetadata.

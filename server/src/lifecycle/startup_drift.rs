@@ -15,7 +15,8 @@ use crate::error::ServeError;
 use crate::facts::{BudgetVerdict, StartupDrift};
 use crate::lifecycle::LoadedVariants;
 use crate::routing::registry::{ServedModel, VariantState};
-use crate::scheduling::workers::{SubmitError, WorkerPool};
+use crate::scheduling::queue::SubmitError;
+use crate::scheduling::workers::WorkerPool;
 use crate::telemetry::metrics;
 
 /// Why the startup drift of a variant could not be measured (logged; the variant still serves).

@@ -2,4 +2,5 @@
 //! the dynamic batcher that merges compatible requests into one run.
 
 pub mod batcher;
+pub mod queue;
 pub mod workers;

@@ -1,12 +1,12 @@
-//! Worker threads for one variant: each owns an ONNX Runtime session and takes jobs from a
-//! bounded queue shared by all workers of the variant. Tokio tasks only enqueue and await a
+//! Worker threads for one variant: each owns an ONNX Runtime session and takes jobs from the
+//! bounded queue (`queue`) shared by all workers of the variant. Tokio tasks only enqueue and await a
 //! oneshot reply, so inference never blocks the async runtime.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::Receiver;
 use mantissa_runtime::{
     Environment, InferenceRequest, ModelSignature, ModelSource, OutputTensor, RunTimings, RuntimeError, Session,
     SessionConfig, execute, execute_timed, open_session, signature_of, warmup_request,
@@ -15,22 +15,9 @@ use tokio::sync::oneshot;
 
 use crate::error::ServeError;
 use crate::scheduling::batcher::{self, BatchPolicy, NextTake};
+use crate::scheduling::queue::{Job, JobQueue, JobResult, SubmitError};
 use crate::telemetry::metrics;
 use crate::telemetry::statistics::VariantStatistics;
-
-/// The outcome of one job.
-pub type JobResult = Result<Vec<OutputTensor>, ServeError>;
-
-struct Job {
-    request: InferenceRequest,
-    reply: oneshot::Sender<JobResult>,
-    /// Past this instant the caller no longer wants an answer: the job is dropped unrun.
-    deadline: Option<Instant>,
-    enqueued: Instant,
-    /// Submitted by the server itself (self-test, drift, shadow): served like any job but kept
-    /// out of the statistics and metrics, which describe client traffic.
-    internal: bool,
-}
 
 /// What a variant's workers need to start.
 #[derive(Debug, Clone)]
@@ -66,8 +53,7 @@ pub struct WorkerPool {
     label: String,
     statistics: Arc<VariantStatistics>,
     signature: ModelSignature,
-    queue: Sender<Job>,
-    queue_capacity: usize,
+    queue: JobQueue,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -81,7 +67,7 @@ impl WorkerPool {
     /// Starts the workers, each opening and warming its own session. Returns once every worker
     /// is ready, or with the first worker's error (the others are stopped).
     pub fn start(environment: Arc<Environment>, config: WorkerPoolConfig) -> Result<Self, StartError> {
-        let (queue, jobs) = crossbeam_channel::bounded::<Job>(config.queue_capacity);
+        let (queue, jobs) = JobQueue::bounded(config.queue_capacity);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelSignature, RuntimeError>>();
         let statistics = Arc::new(VariantStatistics::default());
         let mut workers = Vec::with_capacity(config.instances as usize);
@@ -125,7 +111,6 @@ impl WorkerPool {
             statistics,
             signature: pool_signature.unwrap_or(ModelSignature { inputs: vec![], outputs: vec![], max_batch_size: 0 }),
             queue,
-            queue_capacity: config.queue_capacity,
             workers,
         };
         match (failure, signature) {
@@ -153,11 +138,11 @@ impl WorkerPool {
 
     /// Jobs waiting in the queue.
     pub fn queue_depth(&self) -> usize {
-        self.queue.len()
+        self.queue.depth()
     }
 
     pub fn queue_capacity(&self) -> usize {
-        self.queue_capacity
+        self.queue.capacity()
     }
 
     /// Enqueues a request without waiting; a full queue is reported at once.
@@ -166,27 +151,13 @@ impl WorkerPool {
         request: InferenceRequest,
         deadline: Option<Instant>,
     ) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
-        self.enqueue(request, deadline, false)
+        self.queue.enqueue(request, deadline, false)
     }
 
     /// Enqueues work of the server's own (self-test, drift, shadow comparison), which the
     /// statistics and metrics leave out.
     pub fn submit_internal(&self, request: InferenceRequest) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
-        self.enqueue(request, None, true)
-    }
-
-    fn enqueue(
-        &self,
-        request: InferenceRequest,
-        deadline: Option<Instant>,
-        internal: bool,
-    ) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
-        let (reply, receiver) = oneshot::channel();
-        match self.queue.try_send(Job { request, reply, deadline, enqueued: Instant::now(), internal }) {
-            Ok(()) => Ok(receiver),
-            Err(TrySendError::Full(_)) => Err(SubmitError::Full { capacity: self.queue_capacity }),
-            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Closed),
-        }
+        self.queue.enqueue(request, None, true)
     }
 
     /// Closes the queue, lets the workers finish every job already queued, and joins them.
@@ -212,12 +183,6 @@ pub enum StartError {
     ExitedEarly,
     #[error("no worker started")]
     NoWorkers,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub enum SubmitError {
-    Full { capacity: usize },
-    Closed,
 }
 
 /// Opens and warms the worker's session, reports readiness, then serves jobs until the queue
