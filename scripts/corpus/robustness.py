@@ -33,7 +33,6 @@ corpus_env.ensure_venv([str(Path(__file__).resolve()), *sys.argv[1:]])
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -92,13 +91,22 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def fp16_tensors(model: onnx.ModelProto) -> int:
-    """Initializers and Constant values stored as float16 (a sign that FP16 conversion happened)."""
-    count = sum(1 for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16)
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == onnx.TensorProto.FLOAT16:
-                count += 1
-    return count
+    """Initializers and Constant values stored as float16, subgraphs included (a sign that FP16
+    conversion happened)."""
+
+    def walk(graph) -> int:
+        count = sum(1 for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == onnx.TensorProto.FLOAT16:
+                    count += 1
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    count += walk(attr.g)
+                for sub in attr.graphs:
+                    count += walk(sub)
+        return count
+
+    return walk(model.graph)
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -147,9 +155,9 @@ def run_quantize(binary: Path, args: list[str], timeout: float, env: dict) -> tu
 
 
 def error_text(output: str) -> str:
-    """The error lines of mantissa's output (lines with 'error' or 'Error'), else its tail."""
+    """The error lines of mantissa's output ('Error: ...', ERROR log lines, panics), else its tail."""
     lines = [ln for ln in output.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower() or "panicked" in ln]
+    errors = [ln for ln in lines if ln.startswith("Error") or " ERROR " in ln or "panicked" in ln]
     return "\n".join((errors or lines)[-6:])
 
 
@@ -281,7 +289,8 @@ def main() -> int:
     binary = args.binary.resolve()
     models_dir = args.cache.resolve() / "models"
     work = args.cache.resolve() / "robustness"
-    env = dict(os.environ)
+    # error text without Rust backtraces (set CORPUS_RUST_BACKTRACE=1 to keep them)
+    env = dict(os.environ, RUST_BACKTRACE=os.environ.get("CORPUS_RUST_BACKTRACE", "0"))
     if not env.get("ORT_DYLIB_PATH"):
         capi = Path(ort.__file__).parent / "capi"
         libs = sorted(capi.glob("libonnxruntime.so.*"))
@@ -306,18 +315,19 @@ def main() -> int:
         fp32_types = {k: v.dtype.type for k, v in reference[0].items()}
         source_ops = op_counts(onnx.load(str(source), load_external_data=False))
         out_dir = work / name
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         for mode in modes:
             out_path = out_dir / f"{mode}.onnx"
+            for stale in out_dir.glob(f"{mode}.onnx*"):
+                stale.unlink()
             cmd = ["quantize", str(source)] + [
                 a.format(calibration=model_dir / "calibration", holdout=model_dir / "holdout") for a in MODES[mode]
             ] + ["-o", str(out_path)]
             print(f"{name} {mode} ...", end=" ", flush=True, file=sys.stderr)
             code, output, seconds = run_quantize(binary, cmd, args.timeout, env)
             rec = {"model": name, "mode": mode, "family": meta["family"], "opset": meta["opset"], "command": [str(binary), *cmd], "exit": code, "timed_out": code is None,
-                   "seconds": round(seconds, 2), "output": output[-4000:]}
+                   "seconds": round(seconds, 2),
+                   "output": output if len(output) <= 6000 else output[:2000] + "\n[...]\n" + output[-4000:]}
             if code == 0 and out_path.exists():
                 rec["eval"] = evaluate(out_path, reference, samples, fp32_types)
             elif code not in (0, None):
