@@ -73,9 +73,7 @@ pub fn batch_invariance(pool: &WorkerPool, precision: Precision) -> Option<Batch
         return None;
     }
     let rows: Vec<InferenceRequest> = (0..ROWS as u64).map(|seed| row(signature, seed + 1)).collect();
-    let run = |request: InferenceRequest| {
-        pool.submit_internal(request).ok().and_then(|receiver| receiver.blocking_recv().ok()).and_then(Result::ok)
-    };
+    let run = |request: InferenceRequest| pool.run_internal_blocking(request).ok();
     // One at a time, so the batcher cannot merge the single-row runs.
     let singles: Option<Vec<_>> = rows.iter().cloned().map(run).collect();
     let references: Vec<&InferenceRequest> = rows.iter().collect();

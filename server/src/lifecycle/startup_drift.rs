@@ -8,15 +8,13 @@ use std::sync::Arc;
 
 use mantissa_model_store::{BudgetMiss, DriftSettings};
 use mantissa_preparation::accuracy::{DriftReport, compare_runs};
+use mantissa_runtime::RuntimeError;
 use mantissa_runtime::samples::{load_sample, sample_files};
-use mantissa_runtime::{InferenceRequest, OutputTensor, RuntimeError};
 
-use crate::error::ServeError;
 use crate::facts::{BudgetVerdict, StartupDrift};
 use crate::lifecycle::LoadedVariants;
 use crate::routing::registry::{ServedModel, VariantState};
-use crate::scheduling::queue::SubmitError;
-use crate::scheduling::workers::WorkerPool;
+use crate::scheduling::workers::{InternalRunError, WorkerPool};
 use crate::telemetry::metrics;
 
 /// Why the startup drift of a variant could not be measured (logged; the variant still serves).
@@ -25,26 +23,9 @@ enum DriftCheckError {
     #[error(transparent)]
     Samples(#[from] RuntimeError),
     #[error("{sample}: reference: {reason}")]
-    Reference { sample: String, reason: RunError },
+    Reference { sample: String, reason: InternalRunError },
     #[error("{sample}: {reason}")]
-    Variant { sample: String, reason: RunError },
-}
-
-/// Why an internal run on a variant's workers gave no outputs.
-#[derive(Debug, thiserror::Error)]
-enum RunError {
-    #[error("{0:?}")]
-    Submit(SubmitError),
-    #[error("worker stopped")]
-    WorkerStopped,
-    #[error(transparent)]
-    Failed(#[from] ServeError),
-}
-
-/// Runs one request through a pool's workers as internal work and waits (blocking).
-fn run_internal(pool: &WorkerPool, request: &InferenceRequest) -> Result<Vec<OutputTensor>, RunError> {
-    let receiver = pool.submit_internal(request.clone()).map_err(RunError::Submit)?;
-    Ok(receiver.blocking_recv().map_err(|_| RunError::WorkerStopped)??)
+    Variant { sample: String, reason: InternalRunError },
 }
 
 /// Runs every holdout sample through both variants' workers (blocking) and returns the drift
@@ -65,12 +46,14 @@ fn measure(
         &samples,
         &settings.class_outputs,
         |_, sample| {
-            run_internal(reference, sample)
+            reference
+                .run_internal_blocking(sample.clone())
                 .map(Cow::Owned)
                 .map_err(|reason| DriftCheckError::Reference { sample: sample.id.clone(), reason })
         },
         |_, sample| {
-            run_internal(variant, sample)
+            variant
+                .run_internal_blocking(sample.clone())
                 .map_err(|reason| DriftCheckError::Variant { sample: sample.id.clone(), reason })
         },
     )

@@ -160,6 +160,12 @@ impl WorkerPool {
         self.queue.enqueue(request, None, true)
     }
 
+    /// Runs work of the server's own and waits for it (blocking: off the async runtime only).
+    pub fn run_internal_blocking(&self, request: InferenceRequest) -> Result<Vec<OutputTensor>, InternalRunError> {
+        let receiver = self.submit_internal(request).map_err(InternalRunError::Submit)?;
+        Ok(receiver.blocking_recv().map_err(|_| InternalRunError::WorkerStopped)??)
+    }
+
     /// Closes the queue, lets the workers finish every job already queued, and joins them.
     pub fn shutdown(self) {
         drop(self.queue);
@@ -169,6 +175,17 @@ impl WorkerPool {
             }
         }
     }
+}
+
+/// Why an internal run on a variant's workers gave no outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum InternalRunError {
+    #[error("{0:?}")]
+    Submit(SubmitError),
+    #[error("worker stopped")]
+    WorkerStopped,
+    #[error(transparent)]
+    Failed(#[from] ServeError),
 }
 
 /// Why a variant's workers did not start.
