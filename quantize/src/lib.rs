@@ -5,6 +5,7 @@
 //! - [`elem`]: the ONNX element type numbers the passes use.
 //! - `model_io`: load and save models with external data ([`load_model`], [`save_model`], ...).
 //! - [`types`]: element-type inference for every value of a graph.
+//! - [`type_check`]: the element-type check each pass runs on its output.
 //! - [`ranks`]: rank inference, where ONNX Runtime's fusions depend on ranks.
 //! - [`tensor`]: reading, building and narrowing initializer values.
 //! - [`graph`]: the read-only index: producers, consumers, topological order, first/last layers.
@@ -30,6 +31,7 @@ pub mod rewrite;
 pub mod tensor;
 #[cfg(test)]
 mod test_support;
+pub mod type_check;
 pub mod types;
 
 pub use model_io::{ModelIoError, SaveOptions, load_model, load_model_from_bytes, save_model, to_bytes};

@@ -1,6 +1,6 @@
 //! Builders shared by the unit tests: small hand-made graphs and deterministic random data.
 
-use crate::onnx::{GraphProto, NodeProto, TensorProto, ValueInfoProto};
+use crate::onnx::{GraphProto, NodeProto, TensorProto, TypeProto, ValueInfoProto, type_proto};
 
 /// A node of the default domain.
 pub(crate) fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
@@ -16,6 +16,18 @@ pub(crate) fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> N
 /// A value declaration without a type.
 pub(crate) fn value(name: &str) -> ValueInfoProto {
     ValueInfoProto { name: Some(name.into()), ..Default::default() }
+}
+
+/// A value declaration of a tensor with element type `elem_type` and no shape.
+pub(crate) fn typed_value(name: &str, elem_type: i32) -> ValueInfoProto {
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: Some(elem_type), shape: None })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// A graph reading `x` and the initializer `w` and writing `y`.

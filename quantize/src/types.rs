@@ -72,18 +72,78 @@ fn input_type(node: &NodeProto, index: usize, types: &ElemTypes) -> Option<i32> 
     node.input.get(index).filter(|name| !name.is_empty()).and_then(|name| types.get(name)).copied()
 }
 
-fn subgraph_output_types(node: &NodeProto, attribute_name: &str, skip: usize) -> Vec<Option<i32>> {
-    attribute(node, attribute_name)
-        .and_then(|a| a.g.as_ref())
-        .map(|g| g.output.iter().skip(skip).map(declared_elem_type).collect())
-        .unwrap_or_default()
+/// The element types a control-flow node's outputs take from its subgraph's outputs (after
+/// skipping `skip` loop-carried condition outputs). Exporters often leave subgraph outputs
+/// undeclared; those are inferred inside the subgraph, which sees the enclosing `types`.
+fn subgraph_output_types(node: &NodeProto, attribute_name: &str, skip: usize, types: &ElemTypes) -> Vec<Option<i32>> {
+    let Some(graph) = attribute(node, attribute_name).and_then(|a| a.g.as_ref()) else {
+        return Vec::new();
+    };
+    let declared: Vec<Option<i32>> = graph.output.iter().skip(skip).map(declared_elem_type).collect();
+    if declared.iter().all(Option::is_some) {
+        return declared;
+    }
+    let inner = infer_elem_types(graph, types);
+    graph.output.iter().skip(skip).zip(declared).map(|(o, d)| d.or_else(|| inner.get(o.name()).copied())).collect()
+}
+
+/// Ops whose listed inputs share one type parameter with the first output (all inputs when
+/// the list is empty). Elsewhere an op's first output follows its first input only: the later
+/// inputs of Reshape, Unsqueeze, Slice, Gather, Expand, Tile and the like are int64 indices
+/// or shapes, and taking their type would call a float tensor int64.
+pub(crate) const SHARED_TYPE_INPUTS: &[(&str, &[usize])] = &[
+    ("Add", &[]),
+    ("Sub", &[]),
+    ("Mul", &[]),
+    ("Div", &[]),
+    ("Max", &[]),
+    ("Min", &[]),
+    ("Sum", &[]),
+    ("Mean", &[]),
+    ("Mod", &[]),
+    ("Concat", &[]),
+    ("MatMul", &[]),
+    ("Gemm", &[]),
+    ("PRelu", &[]),
+    ("Einsum", &[]),
+    ("Clip", &[]),
+    ("Range", &[]),
+    ("Conv", &[]),
+    ("ConvTranspose", &[]),
+    ("InstanceNormalization", &[]),
+    ("LayerNormalization", &[0, 1, 2]),
+    ("Where", &[1, 2]),
+    ("Pad", &[0, 2]),
+    ("ScatterND", &[0, 2]),
+    ("ScatterElements", &[0, 2]),
+    ("LSTM", &[0, 1, 2, 3, 5, 6, 7]),
+    ("GRU", &[0, 1, 2, 3, 5]),
+    ("RNN", &[0, 1, 2, 3, 5]),
+];
+
+/// The inputs of a default-domain `op` that share the type of its first output, if it has such a rule.
+pub(crate) fn shared_type_inputs(node: &NodeProto) -> Option<Vec<&str>> {
+    let domain = node.domain();
+    if !(domain.is_empty() || domain == "ai.onnx") {
+        return None;
+    }
+    let (_, positions) = SHARED_TYPE_INPUTS.iter().find(|(op, _)| *op == node.op_type())?;
+    let named = |position: usize| node.input.get(position).map(String::as_str).filter(|n| !n.is_empty());
+    Some(if positions.is_empty() {
+        node.input.iter().map(String::as_str).filter(|n| !n.is_empty()).collect()
+    } else {
+        positions.iter().filter_map(|&p| named(p)).collect()
+    })
 }
 
 /// Output element types of one node, by operator rule. `None` where unknown.
 pub fn node_output_types(node: &NodeProto, types: &ElemTypes) -> Vec<Option<i32>> {
     let count = node.output.len();
     let all = |elem_type: Option<i32>| vec![elem_type; count];
-    let first_known = || node.input.iter().filter(|n| !n.is_empty()).find_map(|n| types.get(n)).copied();
+    let first_known = || match shared_type_inputs(node) {
+        Some(shared) => shared.iter().find_map(|n| types.get(*n)).copied(),
+        None => input_type(node, 0, types),
+    };
     let domain = node.domain();
     if !(domain.is_empty() || domain == "ai.onnx" || domain == "com.microsoft") {
         return all(None);
@@ -117,11 +177,11 @@ pub fn node_output_types(node: &NodeProto, types: &ElemTypes) -> Vec<Option<i32>
         "MatMulInteger" | "ConvInteger" => all(Some(elem::INT32)),
         "QLinearConv" => all(input_type(node, 7, types).or(Some(elem::UINT8))),
         "QLinearMatMul" => all(input_type(node, 7, types).or(Some(elem::UINT8))),
-        "Where" => all(input_type(node, 1, types)),
+        "Where" => all(first_known()),
         "OneHot" => all(input_type(node, 2, types)),
-        "If" => subgraph_output_types(node, "then_branch", 0),
-        "Loop" => subgraph_output_types(node, "body", 1),
-        "Scan" => subgraph_output_types(node, "body", 0),
+        "If" => subgraph_output_types(node, "then_branch", 0, types),
+        "Loop" => subgraph_output_types(node, "body", 1, types),
+        "Scan" => subgraph_output_types(node, "body", 0, types),
         // Every output has the data's type.
         "Split" | "LSTM" | "GRU" | "RNN" | "BatchNormalization" | "LayerNormalization" => all(first_known()),
         "MaxPool" => vec![first_known(), Some(elem::INT64)],

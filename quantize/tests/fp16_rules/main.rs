@@ -24,4 +24,5 @@ mod edge_cases;
 mod graph_interface;
 mod initializers;
 mod kept_patterns;
+mod real_model_regressions;
 mod type_boundary_casts;

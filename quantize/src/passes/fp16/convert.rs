@@ -109,6 +109,7 @@ fn home_precisions(
         }
     }
     let graph_outputs: HashSet<String> = graph.output.iter().map(|o| o.name().to_owned()).collect();
+    let mut narrowed = Vec::new();
     for tensor in &mut graph.initializer {
         // An initializer also declared as a graph input (IR < 4 style) can be overridden by the
         // caller, so it keeps the input's type.
@@ -121,10 +122,15 @@ fn home_precisions(
         if all_converted && !graph_outputs.contains(name.as_str()) {
             report.values_clamped += narrow_to_f16(tensor).map_or(0, |n| n.clamped);
             report.initializers_converted += 1;
-            home.insert(name, Precision::Fp16);
+            home.insert(name.clone(), Precision::Fp16);
+            narrowed.push(name);
         } else {
             home.insert(name, Precision::Fp32);
         }
+    }
+    // Exporters sometimes declare initializers in value_info too; the declaration follows.
+    for name in &narrowed {
+        set_declared_elem_type(graph, name, elem::FLOAT16);
     }
     home
 }

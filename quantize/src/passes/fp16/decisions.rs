@@ -125,7 +125,9 @@ impl NodeJudge<'_, '_> {
             return Decision::Neutral;
         }
         let domain = node.domain();
-        if !(domain.is_empty() || domain == "ai.onnx" || domain == "com.microsoft") {
+        // Custom-domain kernels (com.microsoft's quantized and fused ops among them) are
+        // registered for the types they were exported with; feeding them FP16 breaks loading.
+        if !(domain.is_empty() || domain == "ai.onnx") {
             return Decision::Keep(KeepReason::ForeignDomain);
         }
         let op = node.op_type();

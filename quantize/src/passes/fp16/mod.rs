@@ -21,6 +21,7 @@ pub use options::{DEFAULT_OP_BLOCK_LIST, Fp16Error, Fp16Options, Fp16Report, Kee
 
 use crate::onnx::ModelProto;
 use crate::rewrite::NameGenerator;
+use crate::type_check::{ForeignSignatures, check_types};
 use crate::types::ElemTypes;
 use convert::convert_graph;
 use decisions::{Rules, Scope};
@@ -33,9 +34,11 @@ pub fn validate_options(options: &Fp16Options) -> Result<(), Fp16Error> {
 /// Converts `model` to FP16 in place.
 pub fn convert_to_fp16(model: &mut ModelProto, options: &Fp16Options) -> Result<Fp16Report, Fp16Error> {
     let rules = Rules::new(options)?;
+    let before = ForeignSignatures::of(model);
     let graph = model.graph.as_mut().ok_or(Fp16Error::NoGraph)?;
     let mut report = Fp16Report::default();
     let mut names = NameGenerator::for_graph(graph);
     convert_graph(graph, &ElemTypes::new(), &rules, Scope::Main, &mut names, &mut report)?;
+    check_types("fp16 conversion", model, &before)?;
     Ok(report)
 }

@@ -93,6 +93,10 @@ pub enum Fp16Error {
     NoGraph,
     #[error(transparent)]
     Graph(#[from] GraphError),
+    /// The pass produced inconsistent element types: a bug in the pass, reported instead of
+    /// handing ONNX Runtime a model it refuses.
+    #[error(transparent)]
+    TypeCheck(#[from] crate::type_check::TypeCheckError),
 }
 
 /// Why a node stayed FP32.
@@ -112,7 +116,8 @@ pub enum KeepReason {
     ControlFlow,
     /// A constant whose readers run in FP32.
     FeedsFp32,
-    /// Operator of a domain the pass does not know (e.g. ai.onnx.ml).
+    /// Operator of a non-default domain (com.microsoft, ai.onnx.ml, ...): its kernels are
+    /// registered for the types it was exported with, so its inputs and outputs keep them.
     ForeignDomain,
     /// Reads a value whose element type cannot be determined (e.g. an undeclared output of a
     /// custom operator), so converting could mix types.
@@ -132,7 +137,7 @@ impl fmt::Display for KeepReason {
             KeepReason::TypeBoundaryCast => f.write_str("cast across float/non-float types"),
             KeepReason::ControlFlow => f.write_str("control flow boundary (subgraph converted)"),
             KeepReason::FeedsFp32 => f.write_str("constant read by FP32 work"),
-            KeepReason::ForeignDomain => f.write_str("operator domain not converted"),
+            KeepReason::ForeignDomain => f.write_str("non-default operator domain keeps its types"),
             KeepReason::UnknownInputType => f.write_str("input of unknown element type"),
         }
     }

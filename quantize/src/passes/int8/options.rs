@@ -7,7 +7,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::CalibrationOptions;
-use crate::onnx::NodeProto;
+use crate::onnx::{ModelProto, NodeProto};
 
 /// How activations are quantized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -110,6 +110,22 @@ pub enum Int8Error {
     /// An option out of its range; `key` is its name in the policy's `int8:` section.
     #[error("{key}: {reason}")]
     BadOption { key: &'static str, reason: String },
+    /// The pass produced inconsistent element types: a bug in the pass, reported instead of
+    /// handing ONNX Runtime a model it refuses.
+    #[error(transparent)]
+    TypeCheck(#[from] crate::type_check::TypeCheckError),
+}
+
+/// Runs `pass` on `model` and checks the element types it leaves (see [`crate::type_check`]).
+pub(super) fn type_checked<T>(
+    name: &str,
+    model: &mut ModelProto,
+    pass: impl FnOnce(&mut ModelProto) -> Result<T, Int8Error>,
+) -> Result<T, Int8Error> {
+    let before = crate::type_check::ForeignSignatures::of(model);
+    let outcome = pass(model)?;
+    crate::type_check::check_types(name, model, &before)?;
+    Ok(outcome)
 }
 
 impl Int8Error {
