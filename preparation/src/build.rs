@@ -116,6 +116,7 @@ fn build_int8(
             cosine: searched.cosine,
             plain_recipe_cosine: searched.initial_cosine,
         }),
+        notes: report.notes,
     });
     Ok(ModelSource::Memory(bytes.into()))
 }

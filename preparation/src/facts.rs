@@ -65,6 +65,9 @@ pub struct Int8Facts {
     pub calibration_method: Option<CalibrationMethodKind>,
     /// Present when a drift budget drove a mixed-precision search that met it.
     pub budget_search: Option<SearchFacts>,
+    /// The pass's notes: an already-quantized model, or why nothing was quantized.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

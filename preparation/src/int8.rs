@@ -4,7 +4,7 @@
 use mantissa_model_store::{BudgetMiss, ModelEntry, VariantSpec};
 use mantissa_quantize::onnx::ModelProto;
 use mantissa_quantize::passes::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic, quantize_weight_only};
-use mantissa_quantize::passes::int8::{quantize_static, tensors_to_calibrate};
+use mantissa_quantize::passes::int8::{quantize_static, tensors_to_calibrate, tensors_to_calibrate_for_search};
 use mantissa_runtime::Environment;
 
 use crate::calibrate::{CalibrationJob, calibrate};
@@ -64,7 +64,13 @@ fn quantize_calibrated(
 ) -> Result<(Int8Report, Option<SearchReport>), PrepareError> {
     let options = job.options;
     let data = options.calibration_data.as_ref().ok_or(PrepareError::NoCalibrationData)?;
-    let tensors = tensors_to_calibrate(model, options).map_err(static_error)?;
+    // A budget search keeps nodes FP32, which changes which tensors need ranges.
+    let tensors = if job.budget.is_some() {
+        tensors_to_calibrate_for_search(model, options)
+    } else {
+        tensors_to_calibrate(model, options)
+    }
+    .map_err(static_error)?;
     let calibration =
         CalibrationJob { model, tensors: &tensors, data, options: &options.calibration, label: job.label };
     let ranges = calibrate(environment, &calibration)?;

@@ -136,6 +136,9 @@ fn render_int8(int8: &Int8Facts, out: &mut Parameters) {
     if let Some(method) = int8.calibration_method {
         out.set("int8_calibration_method", format!("{method:?}").to_lowercase());
     }
+    if !int8.notes.is_empty() {
+        out.set("int8_notes", int8.notes.join(" | "));
+    }
 }
 
 fn render_drift(drift: &StartupDrift, out: &mut Parameters) {

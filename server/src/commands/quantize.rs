@@ -376,6 +376,9 @@ fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Dur
                     println!("      kept FP32 by the search: {node}");
                 }
             }
+            for note in &report.notes {
+                println!("  note: {note}");
+            }
             println!("  nodes quantized:         {}", report.quantized.len());
             println!("  nodes kept in FP32:      {}", report.skipped.len());
             for (node, op, reason) in &report.skipped {

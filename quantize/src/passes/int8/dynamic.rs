@@ -5,7 +5,7 @@
 
 use super::embeddings::quantize_embedding_tables;
 use super::linear_walker::{LinearWeights, Reach, finish_contrib_rewrite, rewrite_linear_nodes};
-use super::options::{Int8Error, Int8Options, Int8Report, Selection, WeightSettings, type_checked};
+use super::options::{Int8Error, Int8Mode, Int8Options, Int8Report, Selection, WeightSettings, checked_pass};
 use crate::graph::GraphIndex;
 use crate::onnx::{GraphProto, ModelProto, NodeProto, TensorProto};
 use crate::quant_params::per_channel_symmetric;
@@ -15,7 +15,7 @@ use crate::tensor::{float_tensor, int8_tensor};
 /// Dynamic INT8: rewrites MatMul/Gemm with constant weights as DynamicQuantizeMatMul, in the
 /// main graph and in If/Loop/Scan subgraphs.
 pub fn quantize_dynamic(model: &mut ModelProto, options: &Int8Options) -> Result<Int8Report, Int8Error> {
-    type_checked("dynamic INT8", model, |model| {
+    checked_pass(Int8Mode::Dynamic, model, |model| {
         quantize_dynamic_within(model, options, Reach::Everywhere, Int8Report::default())
     })
 }

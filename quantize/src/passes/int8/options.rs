@@ -23,6 +23,17 @@ pub enum Int8Mode {
     WeightOnly,
 }
 
+impl Int8Mode {
+    /// The mode as logs and errors name it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Int8Mode::Dynamic => "int8 dynamic",
+            Int8Mode::Static => "int8 static",
+            Int8Mode::WeightOnly => "int8 weight-only",
+        }
+    }
+}
+
 /// Element type of quantized activations in static mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -116,16 +127,22 @@ pub enum Int8Error {
     TypeCheck(#[from] crate::type_check::TypeCheckError),
 }
 
-/// Runs `pass` on `model` and checks the element types it leaves (see [`crate::type_check`]).
-pub(super) fn type_checked<T>(
-    name: &str,
+/// Runs the INT8 pass for `mode` on `model`, checks the element types it leaves (see
+/// [`crate::type_check`]) and adds the notes of [`super::notes`] to its report, logging them.
+pub(super) fn checked_pass(
+    mode: Int8Mode,
     model: &mut ModelProto,
-    pass: impl FnOnce(&mut ModelProto) -> Result<T, Int8Error>,
-) -> Result<T, Int8Error> {
-    let before = crate::type_check::ForeignSignatures::of(model);
-    let outcome = pass(model)?;
-    crate::type_check::check_types(name, model, &before)?;
-    Ok(outcome)
+    pass: impl FnOnce(&mut ModelProto) -> Result<Int8Report, Int8Error>,
+) -> Result<Int8Report, Int8Error> {
+    let signatures = crate::type_check::ForeignSignatures::of(model);
+    let census = super::notes::Census::of(model);
+    let mut report = pass(model)?;
+    crate::type_check::check_types(mode.label(), model, &signatures)?;
+    report.notes = super::notes::notes(mode, &census, &report);
+    for note in &report.notes {
+        tracing::warn!(mode = mode.label(), "int8: {note}");
+    }
+    Ok(report)
 }
 
 impl Int8Error {
@@ -150,6 +167,8 @@ pub enum SkipReason {
     Unsupported(String),
     /// A Concat joining tensors of very different ranges, or a node reading its output.
     MixedRanges(String),
+    /// The plan wanted a range for this tensor that calibration did not measure.
+    NoCalibratedRange(String),
 }
 
 impl std::fmt::Display for SkipReason {
@@ -161,6 +180,7 @@ impl std::fmt::Display for SkipReason {
             SkipReason::ExcludedNode(pattern) => write!(f, "nodes_exclude ({pattern})"),
             SkipReason::Unsupported(why) => write!(f, "unsupported: {why}"),
             SkipReason::MixedRanges(why) => write!(f, "mixed ranges: {why}"),
+            SkipReason::NoCalibratedRange(tensor) => write!(f, "no calibrated range for '{tensor}'"),
         }
     }
 }
@@ -176,6 +196,9 @@ pub struct Int8Report {
     pub activations_quantized: usize,
     pub weight_bytes_before: usize,
     pub weight_bytes_after: usize,
+    /// What the user should know beyond the counts: an already-quantized model, or why
+    /// nothing was quantized.
+    pub notes: Vec<String>,
 }
 
 /// How the weight-quantizing passes store weights: one scale per output channel or one per

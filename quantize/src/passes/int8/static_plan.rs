@@ -65,9 +65,36 @@ pub fn tensors_to_calibrate(model: &ModelProto, options: &Int8Options) -> Result
     Ok(plan.tensors.into_iter().filter(|t| !plan.shares.contains_key(t)).collect())
 }
 
+/// Tensors whose ranges static quantization needs for `options` and for the same options
+/// with any one planned node kept FP32 besides: what an accuracy-budget search calibrates, so
+/// that keeping a node (which can unfuse a Conv from its Relu, or end the sharing of a
+/// Reshape's parameters) finds its neighbours' ranges already measured.
+pub fn tensors_to_calibrate_for_search(model: &ModelProto, options: &Int8Options) -> Result<Vec<String>, Int8Error> {
+    let graph = model.graph.as_ref().ok_or(Int8Error::NoGraph)?;
+    let mut sorted = graph.clone();
+    canonicalize(&mut sorted)?;
+    let types = infer_elem_types(&sorted, &ElemTypes::new());
+    let base = plan_with_gemm_folds(&mut sorted, &types, options)?;
+    let own_ranges =
+        |plan: &Plan| plan.tensors.iter().filter(|t| !plan.shares.contains_key(*t)).cloned().collect::<Vec<_>>();
+    let mut tensors: BTreeSet<String> = own_ranges(&base).into_iter().collect();
+    let mut ordered: Vec<String> = own_ranges(&base);
+    for &position in &base.nodes {
+        let excluded = HashMap::from([(position, SkipReason::ExcludedNode(sorted.node[position].name().to_owned()))]);
+        for tensor in own_ranges(&plan(&sorted, &types, options, &excluded)?) {
+            if tensors.insert(tensor.clone()) {
+                ordered.push(tensor);
+            }
+        }
+    }
+    Ok(ordered)
+}
+
 /// Canonicalises `graph` (as [`tensors_to_calibrate`] did, so tensor names match) and plans
 /// with the calibrated `ranges`: Concats whose inputs' ranges differ too much, and what reads
-/// them, stay FP32. Fails when a planned tensor has no range.
+/// them, stay FP32. A planned node that would need a range calibration did not take (when
+/// `options` exclude nodes the calibrated plan quantized, the plan's fusions change) stays FP32
+/// too, with that reason.
 pub(super) fn plan_for_ranges(
     graph: &mut GraphProto,
     options: &Int8Options,
@@ -76,13 +103,37 @@ pub(super) fn plan_for_ranges(
     canonicalize(graph)?;
     let types = infer_elem_types(graph, &ElemTypes::new());
     let first_plan = plan_with_gemm_folds(graph, &types, options)?;
-    let excluded = mixed_range_exclusions(graph, &first_plan, ranges, options.max_concat_range_ratio);
-    let plan = if excluded.is_empty() { first_plan } else { plan(graph, &types, options, &excluded)? };
-    let missing = plan.tensors.iter().filter(|t| !plan.shares.contains_key(*t) && !ranges.contains_key(*t)).count();
-    if missing > 0 {
-        return Err(Int8Error::MissingRanges(missing));
+    let mut excluded = mixed_range_exclusions(graph, &first_plan, ranges, options.max_concat_range_ratio);
+    let mut current = if excluded.is_empty() { first_plan } else { plan(graph, &types, options, &excluded)? };
+    // Each round keeps FP32 at least one more node, so this ends; the bound is a guard.
+    for _ in 0..graph.node.len() + 1 {
+        let missing: HashSet<&str> = current
+            .tensors
+            .iter()
+            .filter(|t| !current.shares.contains_key(*t) && !ranges.contains_key(*t))
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            return Ok(current);
+        }
+        let before = excluded.len();
+        for &position in &current.nodes {
+            let node = &graph.node[position];
+            if let Some(tensor) = node.input.iter().chain(&node.output).find(|n| missing.contains(n.as_str())) {
+                tracing::info!(
+                    node = node.name(),
+                    tensor = tensor.as_str(),
+                    "int8 static: kept FP32: no calibrated range"
+                );
+                excluded.entry(position).or_insert_with(|| SkipReason::NoCalibratedRange(tensor.clone()));
+            }
+        }
+        if excluded.len() == before {
+            return Err(Int8Error::MissingRanges(missing.len()));
+        }
+        current = plan(graph, &types, options, &excluded)?;
     }
-    Ok(plan)
+    Err(Int8Error::MissingRanges(current.tensors.len()))
 }
 
 /// Plans, then folds into Gemm every planned bias Add whose output no quantized node reads,
@@ -433,3 +484,7 @@ fn mixed_range_exclusions(graph: &GraphProto, plan: &Plan, ranges: &Ranges, limi
     }
     excluded
 }
+
+#[cfg(test)]
+#[path = "static_plan_tests.rs"]
+mod tests;

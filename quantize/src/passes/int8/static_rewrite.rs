@@ -18,7 +18,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::dynamic::quantize_subgraphs_dynamic;
-use super::options::{ActivationType, Int8Error, Int8Options, Int8Report, WeightSettings, type_checked};
+use super::options::{ActivationType, Int8Error, Int8Mode, Int8Options, Int8Report, WeightSettings, checked_pass};
 use super::static_plan::{Plan, QDQ_COMPUTE_OPS, Ranges, plan_for_ranges, range_source};
 use crate::calibration::clip_for_consumers;
 use crate::elem;
@@ -36,7 +36,7 @@ pub fn quantize_static(
     options: &Int8Options,
     ranges: &Ranges,
 ) -> Result<Int8Report, Int8Error> {
-    type_checked("static INT8", model, |model| quantize_static_unchecked(model, options, ranges))
+    checked_pass(Int8Mode::Static, model, |model| quantize_static_unchecked(model, options, ranges))
 }
 
 fn quantize_static_unchecked(

@@ -5,7 +5,7 @@
 
 use super::embeddings::quantize_embedding_tables;
 use super::linear_walker::{LinearWeights, Reach, finish_contrib_rewrite, rewrite_linear_nodes};
-use super::options::{Int8Error, Int8Options, Int8Report, Selection, type_checked, validate_options};
+use super::options::{Int8Error, Int8Mode, Int8Options, Int8Report, Selection, checked_pass, validate_options};
 use crate::elem;
 use crate::onnx::{AttributeProto, ModelProto, NodeProto, TensorProto};
 use crate::quant_params::quantize_blocks;
@@ -17,7 +17,7 @@ use crate::tensor::float_tensor;
 /// stay float. Meant for large MatMul-bound models whose weights dominate memory traffic.
 /// Covers If/Loop/Scan subgraphs too.
 pub fn quantize_weight_only(model: &mut ModelProto, options: &Int8Options) -> Result<Int8Report, Int8Error> {
-    type_checked("weight-only INT8", model, |model| quantize_weight_only_unchecked(model, options))
+    checked_pass(Int8Mode::WeightOnly, model, |model| quantize_weight_only_unchecked(model, options))
 }
 
 fn quantize_weight_only_unchecked(model: &mut ModelProto, options: &Int8Options) -> Result<Int8Report, Int8Error> {
