@@ -90,9 +90,13 @@ pub struct QuantizeArgs {
     /// Outputs holding class scores (for --budget-top1); repeatable.
     #[arg(long)]
     pub class_output: Vec<String>,
-    /// INT8: store embedding tables (Gather on a constant matrix) as int8 with a scale per row.
-    #[arg(long)]
+    /// INT8: store embedding tables (Gather on a constant matrix) as int8 with a scale per row
+    /// (the default; this overrides a --policy that turns it off).
+    #[arg(long, conflicts_with = "keep_embeddings_fp32")]
     pub quantize_embeddings: bool,
+    /// INT8: leave embedding tables FP32.
+    #[arg(long)]
+    pub keep_embeddings_fp32: bool,
     /// INT8 weight-only: bits per weight (4 or 8).
     #[arg(long)]
     pub weight_bits: Option<u8>,
@@ -198,6 +202,9 @@ fn int8_options(args: &QuantizeArgs) -> Result<Int8Options, QuantizeError> {
     }
     if args.quantize_embeddings {
         options.quantize_embeddings = true;
+    }
+    if args.keep_embeddings_fp32 {
+        options.quantize_embeddings = false;
     }
     if let Some(bits) = args.weight_bits {
         options.weight_bits = bits;

@@ -1,6 +1,6 @@
 //! Dynamic INT8: MatMul/Gemm with constant weights become com.microsoft.DynamicQuantizeMatMul
 //! (int8 weights per output column; activations quantized by the node on every run), a bias
-//! Add that follows is moved into the node, and embedding tables are quantized when asked.
+//! Add that follows is moved into the node, and embedding tables are quantized (unless turned off).
 //! Static mode uses the same rewrite for the subgraphs its calibration cannot observe.
 
 use super::embeddings::quantize_embedding_tables;

@@ -1,6 +1,7 @@
 //! Embedding tables (Gather along axis 0 of a constant [V, D] float matrix) stored as int8
-//! with one symmetric scale per row, dequantized after the lookup. Only on request: an
-//! embedding is a model end, which the precision rules keep FP32 by default.
+//! with one symmetric scale per row, dequantized after the lookup, so every use of the rows is
+//! FP32 arithmetic as the precision rules want of a model end (see
+//! [`Int8Options::quantize_embeddings`](super::Int8Options::quantize_embeddings)).
 
 use std::collections::{HashMap, HashSet};
 
@@ -12,6 +13,9 @@ use crate::quant_params::per_channel_symmetric;
 use crate::rewrite::{NameGenerator, drop_unread_initializers, simple_node};
 use crate::tensor::{f32_values, float_tensor, int8_tensor};
 use crate::types::int_attribute_or;
+
+/// Tables with narrower rows stay FP32.
+const MIN_ROW_WIDTH: i64 = 8;
 
 /// Stores the tables of embedding lookups (Gather along axis 0 of a constant [V, D] float
 /// matrix) as int8 with a symmetric scale per row: Gather(int8 table) -> Cast -> Mul by the
@@ -34,7 +38,10 @@ pub(super) fn quantize_embedding_tables(
         let table = graph
             .initializer
             .iter()
-            .find(|t| t.name() == table_name && t.data_type() == elem::FLOAT && t.dims.len() == 2);
+            .find(|t| t.name() == table_name && t.data_type() == elem::FLOAT && t.dims.len() == 2)
+            // A row needs a 4-byte scale: narrow tables (such as the row scales of a table
+            // quantized before) would only grow.
+            .filter(|t| t.dims[1] >= MIN_ROW_WIDTH);
         let only_lookups = index.consumers(&table_name).iter().all(|&c| graph.node[c].op_type() == "Gather");
         let eligible = node.op_type() == "Gather"
             && node.domain().is_empty()

@@ -71,8 +71,11 @@ pub struct Int8Options {
     /// Static mode: how activation ranges are calibrated.
     pub calibration: CalibrationOptions,
     /// Embedding tables (Gather on a constant [V, D] float matrix) stored as int8 with one
-    /// scale per row, dequantized after the lookup. Off by default: embeddings are a model end
-    /// and stay FP32 under the precision rules unless asked.
+    /// scale per row, dequantized after the lookup, in every mode. On by default: the lookup's
+    /// result is FP32 again before any arithmetic (the precision rules keep embedding
+    /// *compute* FP32), one scale per row bounds each row's error by its own range, and the
+    /// table is most of a transformer encoder's bytes (MiniLM-L6 dynamic: 0.68x -> 0.29x of
+    /// the FP32 file, output cosine 0.9904 -> 0.9900).
     pub quantize_embeddings: bool,
     /// Static mode: a Concat whose inputs' calibrated ranges differ by more than this factor
     /// (widest over narrowest) stays FP32, and so do the nodes reading its output, because one
@@ -100,7 +103,7 @@ impl Default for Int8Options {
             calibration_data: None,
             calibration: CalibrationOptions::default(),
             max_concat_range_ratio: 10.0,
-            quantize_embeddings: false,
+            quantize_embeddings: true,
             weight_bits: 4,
             block_size: 128,
             weight_symmetric: true,
