@@ -42,21 +42,36 @@ pub fn run_first_sample(environment: &Environment, model: &ModelProto, data_dir:
     Ok(())
 }
 
-/// Extra outputs one calibration run may return at least (the larger of this and the largest
-/// tensor seen). ONNX Runtime keeps every declared graph output alive until a run ends, so a
-/// model probed for all its tensors at once would hold all its activations together; in
-/// groups of this size, calibration stays within about twice the memory of inference.
+/// Extra outputs one calibration run may return at least, whatever inference measured.
 const GROUP_FLOOR_BYTES: usize = 8 << 20;
+
+/// The bytes of extra outputs one calibration run may hold: what one FP32 inference run on the
+/// first sample adds to the process (its session, weights and activations), so calibration
+/// peaks within about twice FP32 inference. ONNX Runtime keeps every declared graph output
+/// alive until a run ends, so the outputs of one group are what calibration adds.
+fn group_budget_bytes(environment: &Environment, model: &ModelProto, data: &Path) -> Result<usize, PrepareError> {
+    let before = mantissa_runtime::memory::rss_bytes();
+    let (ran, peak) = mantissa_runtime::memory::measure(|| run_first_sample(environment, model, data));
+    ran?;
+    mantissa_runtime::memory::release_free_memory();
+    let added = match (before, peak) {
+        (Some(before), Some(peak)) => peak.saturating_sub(before) as usize,
+        _ => 0,
+    };
+    Ok(added.max(GROUP_FLOOR_BYTES))
+}
 
 /// Calibrated ranges of the job's tensors over every sample of its data.
 ///
 /// Tensors are observed in groups, one ONNX Runtime session per group declaring only that
 /// group's tensors as outputs, each group running over every sample. The first group holds
 /// one tensor; later groups are sized from the largest tensor seen so far, so their outputs
-/// together stay near `max(largest tensor, GROUP_FLOOR_BYTES)`. Small models fit in two groups.
+/// together stay within [`group_budget_bytes`] — what inference itself takes. Most models
+/// calibrate in two or three passes over the samples.
 pub fn calibrate(environment: &Environment, job: &CalibrationJob<'_>) -> Result<Ranges, PrepareError> {
     let started = Instant::now();
     let files = sample_files(job.data)?;
+    let budget = group_budget_bytes(environment, job.model, job.data)?;
     let tensors = job.tensors;
     let mut statistics: HashMap<String, TensorStatistics> =
         tensors.iter().map(|t| (t.clone(), TensorStatistics::new(job.options.bins))).collect();
@@ -105,8 +120,18 @@ pub fn calibrate(environment: &Environment, job: &CalibrationJob<'_>) -> Result<
         drop(session);
         mantissa_runtime::memory::release_free_memory();
         pending = rest;
-        group_len = (largest.max(GROUP_FLOOR_BYTES) / largest.max(1)).max(1);
+        group_len = (budget / largest.max(1)).max(1);
     }
+    tracing::info!(
+        variant = job.label,
+        pass = "int8 calibration",
+        tensors = tensors.len(),
+        groups,
+        samples = files.len(),
+        group_budget_mib = budget >> 20,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "calibrated"
+    );
     let method = job.options.method();
     Ok(statistics.into_iter().map(|(name, stats)| (name, stats.range_with(method, job.options.symmetric))).collect())
 }

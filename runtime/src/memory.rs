@@ -1,6 +1,17 @@
 //! Peak resident memory of this process (Linux `VmHWM`), resettable so that one phase's peak
 //! (FP32 inference, calibration) can be measured on its own.
 
+/// The current resident size, in bytes.
+pub fn rss_bytes() -> Option<u64> {
+    status_kib("VmRSS:").map(|kib| kib * 1024)
+}
+
+fn status_kib(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with(key))?;
+    line.trim_start_matches(key).trim().trim_end_matches("kB").trim().parse().ok()
+}
+
 /// Resets the peak to the current resident size. False where the kernel does not allow it.
 pub fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
@@ -8,10 +19,7 @@ pub fn reset_peak() -> bool {
 
 /// The peak resident size since the process started or the last [`reset_peak`], in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
-    let kib: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib * 1024)
+    status_kib("VmHWM:").map(|kib| kib * 1024)
 }
 
 /// Hands memory the allocator holds free back to the operating system (glibc keeps freed

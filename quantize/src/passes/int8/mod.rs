@@ -17,11 +17,14 @@
 //! Defaults follow precision-rules.md: the first and last compute layers, Softmax and
 //! normalisations stay FP32; `op_types_exclude` and `nodes_exclude` add exclusions.
 //!
-//! Files: `options` (options, node selection, errors, report), `linear_walker` (finds MatMul/Gemm
-//! with constant weights in the main graph and in If/Loop/Scan subgraphs and applies a weight
-//! rewrite to them), `dynamic`, `weight_only` and `embeddings` (the weight rewrites),
-//! `static_plan` (which nodes and tensors get Q/DQ pairs) and `static_rewrite` (inserting them).
+//! Files: `options` (options, node selection, errors, report), `checked` (the type check and
+//! notes every pass runs under), `notes` (an already-quantized model, why nothing was
+//! quantized), `linear_walker` (finds MatMul/Gemm with constant weights in the main graph and
+//! in If/Loop/Scan subgraphs and applies a weight rewrite to them), `dynamic`, `weight_only` and
+//! `embeddings` (the weight rewrites), `static_plan` (which nodes and tensors get Q/DQ pairs)
+//! and `static_rewrite` (inserting them).
 
+mod checked;
 mod dynamic;
 mod embeddings;
 mod linear_walker;

@@ -7,7 +7,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::CalibrationOptions;
-use crate::onnx::{ModelProto, NodeProto};
+use crate::onnx::NodeProto;
 
 /// How activations are quantized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -128,24 +128,6 @@ pub enum Int8Error {
     /// handing ONNX Runtime a model it refuses.
     #[error(transparent)]
     TypeCheck(#[from] crate::type_check::TypeCheckError),
-}
-
-/// Runs the INT8 pass for `mode` on `model`, checks the element types it leaves (see
-/// [`crate::type_check`]) and adds the notes of [`super::notes`] to its report, logging them.
-pub(super) fn checked_pass(
-    mode: Int8Mode,
-    model: &mut ModelProto,
-    pass: impl FnOnce(&mut ModelProto) -> Result<Int8Report, Int8Error>,
-) -> Result<Int8Report, Int8Error> {
-    let signatures = crate::type_check::ForeignSignatures::of(model);
-    let census = super::notes::Census::of(model);
-    let mut report = pass(model)?;
-    crate::type_check::check_types(mode.label(), model, &signatures)?;
-    report.notes = super::notes::notes(mode, &census, &report);
-    for note in &report.notes {
-        tracing::warn!(mode = mode.label(), "int8: {note}");
-    }
-    Ok(report)
 }
 
 impl Int8Error {

@@ -17,8 +17,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::checked::checked_pass;
 use super::dynamic::quantize_subgraphs_dynamic;
-use super::options::{ActivationType, Int8Error, Int8Mode, Int8Options, Int8Report, WeightSettings, checked_pass};
+use super::options::{ActivationType, Int8Error, Int8Mode, Int8Options, Int8Report, WeightSettings};
 use super::static_plan::{Plan, QDQ_COMPUTE_OPS, Ranges, plan_for_ranges, range_source};
 use crate::calibration::clip_for_consumers;
 use crate::elem;

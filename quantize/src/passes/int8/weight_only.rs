@@ -3,9 +3,10 @@
 //! float, so nothing needs calibrating. Meant for large MatMul-bound models whose weights
 //! dominate memory traffic.
 
+use super::checked::checked_pass;
 use super::embeddings::quantize_embedding_tables;
 use super::linear_walker::{LinearWeights, Reach, finish_contrib_rewrite, rewrite_linear_nodes};
-use super::options::{Int8Error, Int8Mode, Int8Options, Int8Report, Selection, checked_pass, validate_options};
+use super::options::{Int8Error, Int8Mode, Int8Options, Int8Report, Selection, validate_options};
 use crate::elem;
 use crate::onnx::{AttributeProto, ModelProto, NodeProto, TensorProto};
 use crate::quant_params::quantize_blocks;
