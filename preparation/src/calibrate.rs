@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use mantissa_quantize::calibration::{CalibrationOptions, TensorStatistics};
+use mantissa_quantize::calibration::{CalibrationMethod, CalibrationOptions, TensorStatistics};
 use mantissa_quantize::onnx::{ModelProto, TypeProto, ValueInfoProto, type_proto};
 use mantissa_quantize::passes::int8::Ranges;
 use mantissa_runtime::samples::{load_sample, sample_files};
@@ -21,6 +21,9 @@ pub struct CalibrationJob<'a> {
     pub model: &'a ModelProto,
     /// Tensors whose ranges are wanted.
     pub tensors: &'a [String],
+    /// Of those, the ones that get their observed `[min, max]` whatever the method (see
+    /// [`mantissa_quantize::passes::int8::tensors_needing_full_range`]).
+    pub full_range: &'a [String],
     /// A directory of `.npz`/`.npy` samples, or one file.
     pub data: &'a Path,
     pub options: &'a CalibrationOptions,
@@ -133,7 +136,16 @@ pub fn calibrate(environment: &Environment, job: &CalibrationJob<'_>) -> Result<
         "calibrated"
     );
     let method = job.options.method();
-    Ok(statistics.into_iter().map(|(name, stats)| (name, stats.range_with(method, job.options.symmetric))).collect())
+    if method != CalibrationMethod::MinMax && !job.full_range.is_empty() {
+        tracing::info!(variant = job.label, tensors = ?job.full_range, "int8 calibration: inputs and outputs of max-taking ops keep their observed [min, max]");
+    }
+    Ok(statistics
+        .into_iter()
+        .map(|(name, stats)| {
+            let method = if job.full_range.contains(&name) { CalibrationMethod::MinMax } else { method };
+            (name, stats.range_with(method, job.options.symmetric))
+        })
+        .collect())
 }
 
 /// Declares `tensors` as extra float outputs of `model`, so a run returns them.

@@ -4,7 +4,9 @@
 use mantissa_model_store::{BudgetMiss, ModelEntry, VariantSpec};
 use mantissa_quantize::onnx::ModelProto;
 use mantissa_quantize::passes::int8::{Int8Mode, Int8Options, Int8Report, quantize_dynamic, quantize_weight_only};
-use mantissa_quantize::passes::int8::{quantize_static, tensors_to_calibrate, tensors_to_calibrate_for_search};
+use mantissa_quantize::passes::int8::{
+    quantize_static, tensors_needing_full_range, tensors_to_calibrate, tensors_to_calibrate_for_search,
+};
 use mantissa_runtime::Environment;
 
 use crate::calibrate::{CalibrationJob, calibrate};
@@ -71,8 +73,15 @@ fn quantize_calibrated(
         tensors_to_calibrate(model, options)
     }
     .map_err(static_error)?;
-    let calibration =
-        CalibrationJob { model, tensors: &tensors, data, options: &options.calibration, label: job.label };
+    let full_range = tensors_needing_full_range(model, options).map_err(static_error)?;
+    let calibration = CalibrationJob {
+        model,
+        tensors: &tensors,
+        full_range: &full_range,
+        data,
+        options: &options.calibration,
+        label: job.label,
+    };
     let ranges = calibrate(environment, &calibration)?;
     let Some(budget) = job.budget else {
         return quantize_static(model, options, &ranges).map(|report| (report, None)).map_err(static_error);

@@ -6,6 +6,9 @@ use super::thresholds::{kl_threshold_units, mse_threshold_units, mse_thresholds_
 
 /// Default number of histogram buckets per sign (TensorRT's 2048).
 pub const DEFAULT_BINS: usize = 2048;
+/// Entropy calibration clips no more than the values above this percentile of `|x|`.
+const ENTROPY_FLOOR_PERCENTILE: f64 = 99.999;
+
 /// Fewest buckets a histogram keeps (entropy calibration needs at least its 128 or 256 levels).
 pub const MIN_BINS: usize = 256;
 /// Most buckets a histogram keeps (keeps bucket indices exact in `f64`).
@@ -259,7 +262,11 @@ impl TensorStatistics {
             }
             CalibrationMethod::Entropy => {
                 let levels = if symmetric || two_signed { 128 } else { 256 };
-                let t = kl_threshold_units(&magnitudes(true), levels);
+                let magnitudes = magnitudes(true);
+                // The KL search trusts the histogram's tail, which a few calibration samples
+                // estimate poorly: it never clips more than 1 value in 10^5.
+                let t = kl_threshold_units(&magnitudes, levels)
+                    .max(percentile_units(&magnitudes, ENTROPY_FLOOR_PERCENTILE));
                 (t, t)
             }
             CalibrationMethod::Mse => {

@@ -38,6 +38,6 @@ pub use dynamic::quantize_dynamic;
 pub use options::{
     ActivationType, Int8Error, Int8Mode, Int8Options, Int8Report, SkipReason, cpu_has_vnni, validate_options,
 };
-pub use static_plan::{Ranges, tensors_to_calibrate, tensors_to_calibrate_for_search};
+pub use static_plan::{Ranges, tensors_needing_full_range, tensors_to_calibrate, tensors_to_calibrate_for_search};
 pub use static_rewrite::quantize_static;
 pub use weight_only::quantize_weight_only;

@@ -80,3 +80,17 @@ fn search_calibration_covers_every_single_node_kept_fp32() {
         );
     }
 }
+
+#[test]
+fn what_a_max_pool_reads_keeps_its_full_range() {
+    // Magika: Conv -> GlobalMaxPool; a clipped range for the Conv output clips the very
+    // maxima the pool returns.
+    let mut model = conv_relu_chain();
+    let graph = model.graph.as_mut().unwrap();
+    graph.node.insert(4, node("pool", "GlobalMaxPool", &["r2"], &["p"]));
+    graph.node[5].input[0] = "p".to_owned();
+    let options = options_keeping(&[]);
+    let calibrated = tensors_to_calibrate(&model, &options).unwrap();
+    let full = tensors_needing_full_range(&model, &options).unwrap();
+    assert_eq!(full, ["r2"], "calibrated: {calibrated:?}");
+}

@@ -324,7 +324,14 @@ fn build_quantized(
     let tensors = tensors_to_calibrate(&quantized, &options).map_err(|err| format!("int8 static: {err}"))?;
     let ranges = calibrate(
         environment,
-        &CalibrationJob { model: &quantized, tensors: &tensors, data, options: &options.calibration, label: "analyze" },
+        &CalibrationJob {
+            model: &quantized,
+            tensors: &tensors,
+            full_range: &[],
+            data,
+            options: &options.calibration,
+            label: "analyze",
+        },
     )
     .map_err(|err| err.to_string())?;
     let report = quantize_static(&mut quantized, &options, &ranges).map_err(|err| format!("int8 static: {err}"))?;
