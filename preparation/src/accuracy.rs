@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use mantissa_model_store::DriftBudget;
 use mantissa_runtime::{InferenceRequest, OutputTensor};
 
+use crate::output_parts::{OutputPart, find_parts};
+
 /// Running sums for one output; merging samples is adding sums.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct DriftAccumulator {
@@ -75,10 +77,15 @@ impl DriftAccumulator {
     }
 }
 
-/// Drift of every float output, by output name, over the samples added so far.
+/// Drift of every float output, by output name, over the samples added so far; outputs whose
+/// channels live on different scales also by part (see [`crate::output_parts`]), keyed by the
+/// part's label, e.g. `output0[:,4:22,:]`.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct DriftTally {
     outputs: BTreeMap<String, DriftAccumulator>,
+    /// The parts of each output, found on the first reference sample so every sample is split
+    /// the same way.
+    parts: BTreeMap<String, Vec<OutputPart>>,
 }
 
 impl DriftTally {
@@ -93,6 +100,13 @@ impl DriftTally {
             let classes =
                 class_outputs.contains(&expected.name).then(|| expected.shape.last().copied().unwrap_or(0) as usize);
             self.outputs.entry(expected.name.clone()).or_default().add(&r, &v, classes);
+            let parts =
+                self.parts.entry(expected.name.clone()).or_insert_with(|| find_parts(&expected.shape, &r)).clone();
+            for part in parts {
+                let label = part.label(&expected.name, expected.shape.len());
+                let (part_r, part_v) = (part.select(&expected.shape, &r), part.select(&expected.shape, &v));
+                self.outputs.entry(label).or_default().add(&part_r, &part_v, None);
+            }
         }
     }
 
@@ -101,7 +115,7 @@ impl DriftTally {
     }
 }
 
-/// Drift figures per output name.
+/// Drift figures per output name, and per part label for outputs measured by part.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct DriftReport {
     pub outputs: BTreeMap<String, DriftFigures>,
@@ -118,7 +132,7 @@ impl DriftReport {
         self.outputs.values().filter_map(|figures| figures.top1_agreement).reduce(f64::min)
     }
 
-    /// The first budget an output misses, as a sentence naming the output; `None` when every
+    /// The first budget an output (or part) misses, as a sentence naming it; `None` when every
     /// output meets the budget.
     pub fn budget_miss(&self, budget: &DriftBudget) -> Option<String> {
         for (output, figure) in &self.outputs {
@@ -204,6 +218,31 @@ mod tests {
             shape: vec![values.len() as i64 / 2, 2],
             raw: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         }
+    }
+
+    #[test]
+    fn a_detection_head_is_judged_by_its_worst_part() {
+        // [1, 6, 4]: four box rows in pixels, two score rows in 0..1. The variant gets the
+        // boxes right and the scores wrong: the whole tensor's cosine stays near 1.
+        let boxes: Vec<f32> = (0..16).map(|v| 20.0 * v as f32 + 10.0).collect();
+        let scores = [0.9f32, 0.1, 0.8, 0.2, 0.1, 0.7, 0.3, 0.9];
+        let wrong = [0.1f32, 0.9, 0.2, 0.8, 0.7, 0.1, 0.9, 0.3];
+        let tensor = |rows: &[f32]| OutputTensor {
+            name: "output0".into(),
+            datatype: DataType::Fp32,
+            shape: vec![1, 6, 4],
+            raw: rows.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        let reference = tensor(&[boxes.as_slice(), &scores].concat());
+        let variant = tensor(&[boxes.as_slice(), &wrong].concat());
+        let mut tally = DriftTally::default();
+        tally.add_pair(&[reference], &[variant], &[]);
+        let report = tally.report();
+        assert!(report.outputs["output0"].cosine > 0.999, "{report:?}");
+        assert!(report.outputs["output0[:,4:6,:]"].cosine < 0.6, "{report:?}");
+        assert_eq!(report.outputs["output0[:,0:4,:]"].cosine, 1.0);
+        let miss = report.budget_miss(&DriftBudget { min_cosine: Some(0.99), ..Default::default() }).unwrap();
+        assert!(miss.starts_with("output 'output0[:,4:6,:]': cosine"), "{miss}");
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! - [`search`]: the accuracy-budget search that keeps the most sensitive nodes FP32;
 //! - [`accuracy`]: the one comparison loop and budget check, shared with the server's startup
 //!   drift check and live shadow comparison;
+//! - [`output_parts`]: the parts of an output whose channels live on different scales (a
+//!   detection head's boxes and scores), which the comparison measures on their own;
 //! - [`cache`] and [`cached`]: the content-addressed artifact cache and building through it;
 //! - [`facts`]: typed facts about how a variant was built;
 //! - [`error`]: the one error type, [`PrepareError`].
@@ -22,6 +24,7 @@ pub mod calibrate;
 pub mod error;
 pub mod facts;
 pub mod int8;
+pub mod output_parts;
 pub mod search;
 
 pub use build::{BuiltVariant, build_variant};

@@ -1,0 +1,142 @@
+//! Parts of an output whose channels live on different scales, measured on their own.
+//!
+//! A YOLO-style head writes [batch, 4 + C, anchors]: four rows of box coordinates in pixels
+//! (0..640) and C rows of class scores in 0..1. A cosine over the flattened tensor is the
+//! cosine of the box rows; the scores can be wrong while it reads 0.9997. So the drift of such
+//! an output is also measured per group of channels with alike ranges (precision rules, rule 2),
+//! and the worst group counts like an output of its own.
+//!
+//! Parts are found on the reference output: along the first non-batch axis of 2..=256 channels
+//! whose range widths (max - min) fall into two contiguous runs with typical widths more than
+//! [`PART_RANGE_RATIO`] apart (see [`boundary`]).
+
+/// Channel range widths differing by more than this factor start a new part; the same factor as
+/// the static INT8 pass's `max_concat_range_ratio` default.
+pub const PART_RANGE_RATIO: f64 = 10.0;
+
+/// Largest channel axis considered (detection heads have 5..=85 rows or columns).
+const MAX_CHANNELS: i64 = 256;
+
+/// Channels `start..end` along `axis` of an output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputPart {
+    pub axis: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+impl OutputPart {
+    /// The part's name: the output's name and a NumPy-style slice, e.g. `output0[:,4:22,:]`.
+    pub fn label(&self, output: &str, rank: usize) -> String {
+        let slices: Vec<String> = (0..rank)
+            .map(|axis| if axis == self.axis { format!("{}:{}", self.start, self.end) } else { ":".to_owned() })
+            .collect();
+        format!("{output}[{}]", slices.join(","))
+    }
+
+    /// The part's values out of the whole output's (row-major, `shape`).
+    pub fn select(&self, shape: &[i64], values: &[f32]) -> Vec<f32> {
+        let (outer, channels, inner) = split_at_axis(shape, self.axis);
+        let mut part = Vec::with_capacity(outer * (self.end - self.start) * inner);
+        for block in values.chunks_exact(channels * inner).take(outer) {
+            part.extend_from_slice(&block[self.start * inner..self.end * inner]);
+        }
+        part
+    }
+}
+
+/// (product of dims before `axis`, dim at `axis`, product of dims after).
+fn split_at_axis(shape: &[i64], axis: usize) -> (usize, usize, usize) {
+    let dim = |d: &i64| (*d).max(0) as usize;
+    let outer = shape[..axis].iter().map(dim).product();
+    let inner = shape[axis + 1..].iter().map(dim).product();
+    (outer, dim(&shape[axis]), inner)
+}
+
+/// Range width of each channel along `axis`.
+fn channel_widths(shape: &[i64], values: &[f32], axis: usize) -> Vec<f64> {
+    let (_, channels, inner) = split_at_axis(shape, axis);
+    let mut bounds = vec![(f64::INFINITY, f64::NEG_INFINITY); channels];
+    for block in values.chunks_exact(channels * inner) {
+        for (channel, row) in block.chunks_exact(inner).enumerate() {
+            let (lo, hi) = &mut bounds[channel];
+            for &value in row.iter().filter(|v| v.is_finite()) {
+                *lo = lo.min(f64::from(value));
+                *hi = hi.max(f64::from(value));
+            }
+        }
+    }
+    bounds.into_iter().map(|(lo, hi)| if hi >= lo { hi - lo } else { 0.0 }).collect()
+}
+
+/// The boundary between two contiguous runs of channels whose typical widths (geometric
+/// means, constant channels left out) differ the most, when they differ more than
+/// [`PART_RANGE_RATIO`]. One boundary only: class-score rows of classes that never fire are
+/// narrow too, and splitting them off would measure noise.
+fn boundary(widths: &[f64]) -> Option<usize> {
+    let logs: Vec<Option<f64>> = widths.iter().map(|&w| (w > 0.0).then(|| w.ln())).collect();
+    let mean = |part: &[Option<f64>]| {
+        let known: Vec<f64> = part.iter().flatten().copied().collect();
+        (!known.is_empty()).then(|| known.iter().sum::<f64>() / known.len() as f64)
+    };
+    let mut best: Option<(f64, usize)> = None;
+    for split in 1..logs.len() {
+        let (Some(left), Some(right)) = (mean(&logs[..split]), mean(&logs[split..])) else { continue };
+        let gap = (left - right).abs();
+        if best.is_none_or(|(widest, _)| gap > widest) {
+            best = Some((gap, split));
+        }
+    }
+    best.filter(|(gap, _)| *gap > PART_RANGE_RATIO.ln()).map(|(_, split)| split)
+}
+
+/// The parts of an output of `shape` (as the reference `values` show them); empty when its
+/// channels share one scale.
+pub fn find_parts(shape: &[i64], values: &[f32]) -> Vec<OutputPart> {
+    let total: i64 = shape.iter().product();
+    if shape.len() < 2 || total <= 0 || total as usize != values.len() {
+        return Vec::new();
+    }
+    for axis in 1..shape.len() {
+        if !(2..=MAX_CHANNELS).contains(&shape[axis]) {
+            continue;
+        }
+        if let Some(split) = boundary(&channel_widths(shape, values, axis)) {
+            let channels = shape[axis] as usize;
+            return vec![OutputPart { axis, start: 0, end: split }, OutputPart { axis, start: split, end: channels }];
+        }
+    }
+    Vec::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [1, 6, 5]: rows 0-3 boxes in pixels, rows 4-5 scores in 0..1.
+    fn detection_head() -> (Vec<i64>, Vec<f32>) {
+        let mut values = Vec::new();
+        for row in 0..6 {
+            for anchor in 0..5 {
+                values.push(if row < 4 { 60.0 * anchor as f32 + row as f32 } else { 0.2 * anchor as f32 });
+            }
+        }
+        (vec![1, 6, 5], values)
+    }
+
+    #[test]
+    fn a_detection_head_splits_into_boxes_and_scores() {
+        let (shape, values) = detection_head();
+        let parts = find_parts(&shape, &values);
+        assert_eq!(parts, [OutputPart { axis: 1, start: 0, end: 4 }, OutputPart { axis: 1, start: 4, end: 6 }]);
+        assert_eq!(parts[1].label("output0", 3), "output0[:,4:6,:]");
+        assert_eq!(parts[1].select(&shape, &values), [0.0, 0.2, 0.4, 0.6, 0.8, 0.0, 0.2, 0.4, 0.6, 0.8]);
+    }
+
+    #[test]
+    fn channels_on_one_scale_make_no_parts() {
+        let values: Vec<f32> = (0..40).map(|v| (v % 7) as f32 * 0.1).collect();
+        assert!(find_parts(&[1, 8, 5], &values).is_empty());
+        assert!(find_parts(&[40], &values).is_empty());
+    }
+}
