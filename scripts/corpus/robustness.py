@@ -32,207 +32,21 @@ corpus_env.ensure_venv([str(Path(__file__).resolve()), *sys.argv[1:]])
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
 import subprocess  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 
-STATIC = ["--precision", "int8", "--mode", "static", "--calibration-data", "{calibration}"]
-MODES = {
-    "fp16": ["--precision", "fp16"],
-    "int8-dynamic": ["--precision", "int8", "--mode", "dynamic"],
-    "int8-static-minmax": STATIC + ["--calibration-method", "minmax"],
-    "int8-static-percentile": STATIC + ["--calibration-method", "percentile"],
-    "int8-static-entropy": STATIC + ["--calibration-method", "entropy"],
-    "int8-static-mse": STATIC + ["--calibration-method", "mse"],
-    "int8-weight-only": ["--precision", "int8", "--mode", "weight-only"],
-    "int8-static-budget": STATIC + ["--holdout", "{holdout}", "--budget-cosine", "0.99"],
-}
-SHORT = {
-    "fp16": "fp16",
-    "int8-dynamic": "dynamic",
-    "int8-static-minmax": "minmax",
-    "int8-static-percentile": "percentile",
-    "int8-static-entropy": "entropy",
-    "int8-static-mse": "mse",
-    "int8-weight-only": "weight-only",
-    "int8-static-budget": "budget 0.99",
-}
-# op types whose presence means INT8 work (what a quantizer adds)
-QUANT_OPS = {
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-    "QLinearConv", "QLinearMatMul", "com.microsoft:MatMulIntegerToFloat", "com.microsoft:DynamicQuantizeMatMul",
-    "com.microsoft:MatMulNBits", "com.microsoft:DynamicQuantizeLSTM", "com.microsoft:GatherBlockQuantized",
-    "com.microsoft:QuantizeLinear", "com.microsoft:DequantizeLinear", "com.microsoft:QLinearAdd",
-    "com.microsoft:QLinearMul", "com.microsoft:QGemm",
-}
-FAILURES = ("ERROR", "TIMEOUT", "INVALID", "ORT-REFUSES", "RUN-FAILS")
-
-
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-
-    def walk(graph):
-        for node in graph.node:
-            key = f"{node.domain}:{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
-            counts[key] = counts.get(key, 0) + 1
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-                for sub in attr.graphs:
-                    walk(sub)
-
-    walk(model.graph)
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def fp16_tensors(model: onnx.ModelProto) -> int:
-    """Initializers and Constant values stored as float16, subgraphs included (a sign that FP16
-    conversion happened)."""
-
-    def walk(graph) -> int:
-        count = sum(1 for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == onnx.TensorProto.FLOAT16:
-                    count += 1
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    count += walk(attr.g)
-                for sub in attr.graphs:
-                    count += walk(sub)
-        return count
-
-    return walk(model.graph)
-
-
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def holdout_samples(model_dir: Path) -> list[dict]:
-    holdout = model_dir / "holdout"
-    files = sorted(holdout.glob("*.npz")) if holdout.is_dir() else [model_dir / "holdout.npz"]
-    return [dict(np.load(f)) for f in files]
-
-
-def run_outputs(sess: ort.InferenceSession, samples: list[dict]) -> list[dict]:
-    names = [o.name for o in sess.get_outputs()]
-    return [dict(zip(names, sess.run(None, s))) for s in samples]
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64).ravel()
-    b = b.astype(np.float64).ravel()
-    if a.shape != b.shape:
-        return float("nan")
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 and nb == 0:
-        return 1.0
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(a @ b / (na * nb))
+from judge import (  # noqa: E402
+    FAILURES, MODES, QUANT_OPS, SHORT, error_text, evaluate, failure_message, holdout_samples, mode_args,
+    op_counts, ort_library_env, run_child, run_outputs, session, status_of,
+)
 
 
 def run_quantize(binary: Path, args: list[str], timeout: float, env: dict) -> tuple[int | None, str, float]:
     """Runs one command; returns (exit status or None on timeout, output text, seconds)."""
-    start = time.monotonic()
-    proc = subprocess.Popen([str(binary), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, out, time.monotonic() - start
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return None, out or "", time.monotonic() - start
-
-
-def error_text(output: str) -> str:
-    """The error lines of mantissa's output ('Error: ...', ERROR log lines, panics), else its tail."""
-    lines = [ln for ln in output.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("Error") or " ERROR " in ln or "panicked" in ln]
-    return "\n".join((errors or lines)[-6:])
-
-
-def evaluate(out_path: Path, reference: list[dict], samples: list[dict], fp32_types: dict) -> dict:
-    result: dict = {}
-    try:
-        onnx.checker.check_model(str(out_path), full_check=True)
-        result["checker"] = "ok"
-    except Exception as err:  # noqa: BLE001 - the message is the finding
-        result["checker"] = f"{type(err).__name__}: {err}"
-    model = onnx.load(str(out_path), load_external_data=False)
-    result["ops"] = op_counts(model)
-    result["fp16_tensors"] = fp16_tensors(model)
-    result["opset"] = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
-    result["output_types"] = {o.name: onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type).lower() for o in model.graph.output}
-    result["size_bytes"] = sum(p.stat().st_size for p in out_path.parent.iterdir() if p.name.startswith(out_path.name))
-    try:
-        sess = session(out_path)
-        result["ort_load"] = "ok"
-    except Exception as err:  # noqa: BLE001
-        result["ort_load"] = f"{type(err).__name__}: {err}"
-        return result
-    try:
-        outputs = run_outputs(sess, samples)
-        result["ort_run"] = "ok"
-    except Exception as err:  # noqa: BLE001
-        result["ort_run"] = f"{type(err).__name__}: {err}"
-        return result
-    cos: dict = {}
-    finite = True
-    for name, dtype in fp32_types.items():
-        if not np.issubdtype(dtype, np.floating):
-            continue
-        values = []
-        for ref, got in zip(reference, outputs):
-            if name not in got:
-                values.append(float("nan"))
-                continue
-            finite = finite and bool(np.isfinite(got[name]).all())
-            values.append(cosine(ref[name], got[name]))
-        cos[name] = {"mean": float(np.mean(values)), "min": float(np.min(values))}
-    result["cosine"] = cos
-    result["finite"] = finite
-    return result
-
-
-def status_of(rec: dict) -> str:
-    if rec.get("timed_out"):
-        return "TIMEOUT"
-    if rec["exit"] != 0:
-        return "ERROR"
-    ev = rec.get("eval", {})
-    if not ev:
-        return "ERROR"
-    if ev.get("checker") != "ok":
-        return "INVALID"
-    if ev.get("ort_load") != "ok":
-        return "ORT-REFUSES"
-    if ev.get("ort_run") != "ok":
-        return "RUN-FAILS"
-    return "ok"
-
-
-def failure_message(rec: dict) -> str:
-    status = rec["status"]
-    if status == "TIMEOUT":
-        return f"no result after {rec['seconds']:.0f} s (killed)"
-    if status == "ERROR":
-        return rec.get("error") or f"exit {rec['exit']}, no output model"
-    ev = rec["eval"]
-    if status == "INVALID":
-        return ev["checker"]
-    if status == "ORT-REFUSES":
-        return ev["ort_load"]
-    return ev["ort_run"]
+    run = run_child([str(binary), *args], timeout, env)
+    return run.exit, run.output, run.seconds
 
 
 def warnings_of(rec: dict, source_ops: dict, fp32_types: dict) -> list[str]:
@@ -290,12 +104,7 @@ def main() -> int:
     models_dir = args.cache.resolve() / "models"
     work = args.cache.resolve() / "robustness"
     # error text without Rust backtraces (set CORPUS_RUST_BACKTRACE=1 to keep them)
-    env = dict(os.environ, RUST_BACKTRACE=os.environ.get("CORPUS_RUST_BACKTRACE", "0"))
-    if not env.get("ORT_DYLIB_PATH"):
-        capi = Path(ort.__file__).parent / "capi"
-        libs = sorted(capi.glob("libonnxruntime.so.*"))
-        if libs:
-            env["ORT_DYLIB_PATH"] = str(libs[0])
+    env = ort_library_env()
     names = sorted(p.name for p in models_dir.iterdir() if (p / "corpus.json").exists()) if models_dir.exists() else []
     if args.only:
         names = [n for n in names if n in set(args.only)]
@@ -320,9 +129,7 @@ def main() -> int:
             out_path = out_dir / f"{mode}.onnx"
             for stale in out_dir.glob(f"{mode}.onnx*"):
                 stale.unlink()
-            cmd = ["quantize", str(source)] + [
-                a.format(calibration=model_dir / "calibration", holdout=model_dir / "holdout") for a in MODES[mode]
-            ] + ["-o", str(out_path)]
+            cmd = ["quantize", str(source), *mode_args(mode, model_dir), "-o", str(out_path)]
             print(f"{name} {mode} ...", end=" ", flush=True, file=sys.stderr)
             code, output, seconds = run_quantize(binary, cmd, args.timeout, env)
             rec = {"model": name, "mode": mode, "family": meta["family"], "opset": meta["opset"], "command": [str(binary), *cmd], "exit": code, "timed_out": code is None,
@@ -338,7 +145,16 @@ def main() -> int:
             records.append(rec)
         del ref_sess
 
-    # ---- report
+    failures = print_report(binary, version, names, modes, records, models_dir)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"binary": str(binary), "version": version, "records": records}, indent=2) + "\n")
+    return 1 if failures else 0
+
+
+def print_report(binary: Path, version: str, names: list[str], modes: list[str], records: list[dict],
+                 models_dir: Path) -> list[dict]:
+    """Prints the tables, failures and warnings; returns the failed records."""
     print(f"# Robustness of `{binary.name} quantize` ({version}) on the corpus\n")
     print("Cell: status, worst output's mean cosine vs FP32 over the holdout samples, quantize wall time; "
           "⚠ = warnings below.\n")
@@ -386,10 +202,7 @@ def main() -> int:
     print(f"\n## Warnings ({len(warned)})\n")
     for r in warned:
         print(f"- {r['model']} / {r['mode']}: " + "; ".join(r["warnings"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"binary": str(binary), "version": version, "records": records}, indent=2) + "\n")
-    return 1 if failures else 0
+    return failures
 
 
 if __name__ == "__main__":
