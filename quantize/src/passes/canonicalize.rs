@@ -9,8 +9,9 @@
 //!   read, keeping the stored order where it is already valid. The FP16 pass sorts each graph
 //!   it converts (main graph and subgraphs); it leaves Constant nodes where they are and
 //!   narrows them together with their readers.
-//! - [`canonicalize`]: both, in that order, on one graph: what static INT8 planning and
-//!   rewriting start from, so both see the same node positions.
+//! - [`canonicalize`]: both, in that order, with BatchNormalization after Conv folded into the
+//!   Conv in between ([`super::batch_norm_folding`]), on one graph: what static INT8 planning
+//!   and rewriting start from, so both see the same node positions.
 //!
 //! Names are not rewritten: each pass draws the names it adds from one
 //! [`crate::rewrite::NameGenerator`] over the whole model, so existing names stay and new ones
@@ -19,9 +20,11 @@
 use crate::graph::{GraphError, topological_order};
 use crate::onnx::{GraphProto, NodeProto};
 
-/// Constant nodes to initializers, then topological order (see the module docs).
+/// Constant nodes to initializers, Conv + BatchNormalization folded, then topological order
+/// (see the module docs).
 pub fn canonicalize(graph: &mut GraphProto) -> Result<(), GraphError> {
     constants_to_initializers(graph);
+    super::batch_norm_folding::fold_batch_norms(graph);
     sort_topologically(graph)
 }
 
