@@ -159,6 +159,10 @@ def kept_reason(output: str) -> str:
     """Why Mantissa kept nodes in FP32, from its summary ('nodes kept in FP32' block), else the
     lines of its output that mention FP32, kept or skipped nodes."""
     text = ANSI.sub("", output)
+    # Mantissa's own explanation when it quantized nothing (its summary's "note:" line).
+    note = re.search(r"^\s*note: (no node was quantized.*)$", text, re.M)
+    if note:
+        return note.group(1).strip()
     kept = re.search(r"nodes kept in FP32:\s+(\d+)", text)
     if kept and kept.group(1) == "0":
         return "no node was a candidate for this mode (0 quantized, 0 kept in FP32)"
