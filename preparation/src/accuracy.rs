@@ -254,7 +254,7 @@ mod tests {
         let report = tally.report();
         assert_eq!(report.worst_top1(), Some(0.5));
         assert!(report.worst_cosine() < 0.9 && report.outputs["z"].cosine == 1.0);
-        let budget = DriftBudget { min_cosine: Some(0.5), min_top1_agreement: Some(0.9), max_fp32_fraction: None };
+        let budget = DriftBudget { min_cosine: Some(0.5), min_top1_agreement: Some(0.9), ..Default::default() };
         let miss = report.budget_miss(&budget).unwrap();
         assert!(miss.contains("output 'logits': top-1 agreement 0.5000 is below"), "{miss}");
         assert!(report.meets(&DriftBudget { min_cosine: Some(0.5), ..Default::default() }));

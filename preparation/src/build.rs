@@ -88,7 +88,8 @@ fn build_int8(
     let mut model = load_model(&entry.model_path)?;
     let label = format!("{}:{}", entry.name, spec.name);
     let job = Int8Job { options: &options, label: &label, budget: budget_for(entry, spec) };
-    let (report, searched) = quantize_int8(environment, &mut model, &job)?;
+    let outcome = quantize_int8(environment, &mut model, &job)?;
+    let report = outcome.report;
     let bytes = to_bytes(&model);
     tracing::info!(
         model = %entry.name,
@@ -111,11 +112,15 @@ fn build_int8(
         per_channel: options.per_channel,
         reduce_range: options.effective_reduce_range(),
         calibration_method: (options.mode == Int8Mode::Static).then_some(options.calibration.method),
-        budget_search: searched.map(|searched| SearchFacts {
+        budget_search: outcome.search.map(|searched| SearchFacts {
             kept_fp32: searched.kept_fp32,
             cosine: searched.cosine,
             plain_recipe_cosine: searched.initial_cosine,
+            evaluations: searched.evaluations,
+            search_ms: searched.elapsed.as_millis() as u64,
+            time_limited: searched.time_limited,
         }),
+        budget_fallback: outcome.fallback,
         notes: report.notes,
     });
     Ok(ModelSource::Memory(bytes.into()))

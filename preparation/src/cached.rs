@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::build::{BuiltVariant, build_variant};
 use crate::cache::ArtifactCache;
 use crate::error::PrepareError;
-use crate::facts::CacheOutcome;
+use crate::facts::{CacheOutcome, Int8Facts};
 use crate::int8::budget_for;
 
 /// Everything besides the input files that decides a variant's artifact.
@@ -57,7 +57,14 @@ pub fn build_variant_cached(
         return Ok(BuiltVariant { source: ModelSource::Memory(bytes.into()), facts });
     }
     let mut built = build_variant(environment, entry, spec)?;
+    // An artifact the search's time limit shaped is not what the recipe gives with time
+    // enough; caching it would serve it on every later start.
+    let shaped_by_time = built.facts.int8.as_ref().is_some_and(Int8Facts::shaped_by_time_limit);
+    if shaped_by_time {
+        tracing::info!(model = %entry.name, variant = %spec.name, "not caching a variant the budget search's time limit shaped");
+    }
     if let ModelSource::Memory(bytes) = &built.source
+        && !shaped_by_time
         && let Err(err) = cache.store(&entry.name, &spec.name, &key, bytes, &built.facts)
     {
         tracing::warn!(model = %entry.name, variant = %spec.name, error = %err, "cannot write the variant to the cache");

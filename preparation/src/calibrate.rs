@@ -52,7 +52,11 @@ const GROUP_FLOOR_BYTES: usize = 8 << 20;
 /// first sample adds to the process (its session, weights and activations), so calibration
 /// peaks within about twice FP32 inference. ONNX Runtime keeps every declared graph output
 /// alive until a run ends, so the outputs of one group are what calibration adds.
-fn group_budget_bytes(environment: &Environment, model: &ModelProto, data: &Path) -> Result<usize, PrepareError> {
+pub(crate) fn group_budget_bytes(
+    environment: &Environment,
+    model: &ModelProto,
+    data: &Path,
+) -> Result<usize, PrepareError> {
     let before = mantissa_runtime::memory::rss_bytes();
     let (ran, peak) = mantissa_runtime::memory::measure(|| run_first_sample(environment, model, data));
     ran?;

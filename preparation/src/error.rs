@@ -1,6 +1,7 @@
 //! The error type of model preparation: which step failed, with the lower layer's error.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use mantissa_quantize::ModelIoError;
 use mantissa_quantize::passes::fp16::Fp16Error;
@@ -35,6 +36,14 @@ pub enum PrepareError {
     /// The budget search found no configuration within the budget (the sentence gives the figures).
     #[error("{0}")]
     BudgetMissed(String),
+    /// The budget search ran out of its time limit before any configuration met the budget;
+    /// `reached` says how close it came.
+    #[error(
+        "the budget search stopped at its time limit of {:.3}s after {evaluations} evaluations in {:.1}s: {reached}; raise the limit (policy drift.budget.search_time_limit, --budget-time-limit) or loosen the budget",
+        .limit.as_secs_f64(),
+        .elapsed.as_secs_f64()
+    )]
+    SearchTimeLimit { limit: Duration, elapsed: Duration, evaluations: usize, reached: String },
     #[error("cache key: {0}")]
     CacheKey(std::io::Error),
 }

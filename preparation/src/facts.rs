@@ -65,17 +65,47 @@ pub struct Int8Facts {
     pub calibration_method: Option<CalibrationMethodKind>,
     /// Present when a drift budget drove a mixed-precision search that met it.
     pub budget_search: Option<SearchFacts>,
+    /// Present when the search failed and the plain recipe is served flagged instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_fallback: Option<BudgetFallback>,
     /// The pass's notes: an already-quantized model, or why nothing was quantized.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
 }
 
+impl Int8Facts {
+    /// Whether the budget search's time limit shaped this artifact (it stopped the search early
+    /// or made it fall back): another build with more time may differ, so it is not cached.
+    pub fn shaped_by_time_limit(&self) -> bool {
+        self.budget_search.as_ref().is_some_and(|s| s.time_limited)
+            || self.budget_fallback.as_ref().is_some_and(|f| f.time_limited)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SearchFacts {
-    /// Nodes the search kept in FP32, in the order it added them.
+    /// Nodes the search kept in FP32, most sensitive first.
     pub kept_fp32: Vec<String>,
     /// Worst output cosine with FP32 on the holdout data, after the search.
     pub cosine: f64,
     /// The same before the search (the plain recipe).
     pub plain_recipe_cosine: f64,
+    /// Full evaluations the search ran (the plain recipe's included).
+    #[serde(default)]
+    pub evaluations: usize,
+    /// Time the search took, calibration excluded.
+    #[serde(default)]
+    pub search_ms: u64,
+    /// The time limit stopped the search after a configuration met the budget.
+    #[serde(default)]
+    pub time_limited: bool,
+}
+
+/// Why a variant with a drift budget serves the plain recipe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetFallback {
+    /// The search's failure, with its figures.
+    pub reason: String,
+    /// The search's time limit ended it.
+    pub time_limited: bool,
 }

@@ -11,6 +11,7 @@ use mantissa_runtime::Environment;
 
 use crate::calibrate::{CalibrationJob, calibrate};
 use crate::error::PrepareError;
+use crate::facts::BudgetFallback;
 use crate::search::{BudgetSearch, SearchReport, StaticRecipe, search};
 
 /// What to quantize a model with.
@@ -37,19 +38,36 @@ pub fn budget_for<'a>(entry: &'a ModelEntry, spec: &VariantSpec) -> Option<Budge
     })
 }
 
+/// What the INT8 step did.
+#[derive(Debug, Clone)]
+pub struct Int8Outcome {
+    pub report: Int8Report,
+    /// The budget search, when one met the budget.
+    pub search: Option<SearchReport>,
+    /// Why the plain recipe is served instead, when the search failed and the policy serves
+    /// such a variant flagged.
+    pub fallback: Option<BudgetFallback>,
+}
+
+impl Int8Outcome {
+    fn plain(report: Int8Report) -> Self {
+        Self { report, search: None, fallback: None }
+    }
+}
+
 /// Runs the INT8 pass of the job on `model`, in place.
 pub fn quantize_int8(
     environment: &Environment,
     model: &mut ModelProto,
     job: &Int8Job<'_>,
-) -> Result<(Int8Report, Option<SearchReport>), PrepareError> {
+) -> Result<Int8Outcome, PrepareError> {
     let options = job.options;
     match options.mode {
         Int8Mode::Dynamic => quantize_dynamic(model, options)
-            .map(|report| (report, None))
+            .map(Int8Outcome::plain)
             .map_err(|source| PrepareError::Int8 { mode: "int8 dynamic", source }),
         Int8Mode::WeightOnly => quantize_weight_only(model, options)
-            .map(|report| (report, None))
+            .map(Int8Outcome::plain)
             .map_err(|source| PrepareError::Int8 { mode: "int8 weight-only", source }),
         Int8Mode::Static => quantize_calibrated(environment, model, job),
     }
@@ -63,7 +81,7 @@ fn quantize_calibrated(
     environment: &Environment,
     model: &mut ModelProto,
     job: &Int8Job<'_>,
-) -> Result<(Int8Report, Option<SearchReport>), PrepareError> {
+) -> Result<Int8Outcome, PrepareError> {
     let options = job.options;
     let data = options.calibration_data.as_ref().ok_or(PrepareError::NoCalibrationData)?;
     // A budget search keeps nodes FP32, which changes which tensors need ranges.
@@ -84,17 +102,20 @@ fn quantize_calibrated(
     };
     let ranges = calibrate(environment, &calibration)?;
     let Some(budget) = job.budget else {
-        return quantize_static(model, options, &ranges).map(|report| (report, None)).map_err(static_error);
+        return quantize_static(model, options, &ranges).map(Int8Outcome::plain).map_err(static_error);
     };
     let recipe = StaticRecipe { fp32: model, options, ranges: &ranges };
-    match search(environment, &recipe, &budget) {
+    match search(environment, &recipe, &budget, job.label) {
         Ok((quantized, report, searched)) => {
             *model = quantized;
-            Ok((report, Some(searched)))
+            Ok(Int8Outcome { report, search: Some(searched), fallback: None })
         }
         Err(missed) if budget.serve_flagged => {
             tracing::warn!(variant = job.label, %missed, "budget search failed; serving the plain recipe flagged");
-            quantize_static(model, options, &ranges).map(|report| (report, None)).map_err(static_error)
+            let report = quantize_static(model, options, &ranges).map_err(static_error)?;
+            let time_limited = matches!(missed, PrepareError::SearchTimeLimit { .. });
+            let fallback = BudgetFallback { reason: missed.to_string(), time_limited };
+            Ok(Int8Outcome { report, search: None, fallback: Some(fallback) })
         }
         Err(missed) => Err(missed),
     }

@@ -4,7 +4,9 @@
 //! - [`build`]: parse the model and run the variant's precision pass ([`build_variant`]);
 //! - [`int8`]: the INT8 step (dynamic, weight-only, or static: calibrate, then search);
 //! - [`calibrate`]: static calibration on sample data, tensors observed in groups;
-//! - [`search`]: the accuracy-budget search that keeps the most sensitive nodes FP32;
+//! - [`search`]: the accuracy-budget search that keeps the most sensitive nodes FP32, ranking
+//!   them by [`sensitivity`] (local SQNR from instrumented runs) and searching how many to keep
+//!   with [`prefix_search`] (galloping and bisection, free of models so it is tested alone);
 //! - [`accuracy`]: the one comparison loop and budget check, shared with the server's startup
 //!   drift check and live shadow comparison;
 //! - [`output_parts`]: the parts of an output whose channels live on different scales (a
@@ -25,7 +27,9 @@ pub mod error;
 pub mod facts;
 pub mod int8;
 pub mod output_parts;
+pub mod prefix_search;
 pub mod search;
+pub mod sensitivity;
 
 pub use build::{BuiltVariant, build_variant};
 pub use cache::ArtifactCache;

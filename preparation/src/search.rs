@@ -1,14 +1,23 @@
 //! Automatic mixed precision for static INT8: given a drift budget and holdout data, keep the
 //! fewest, most sensitive quantized nodes in FP32 until the budget is met.
 //!
-//! Sensitivity of a node = how much the model's outputs improve when that node alone is left
-//! in FP32 (one evaluation per quantized node). Nodes are then kept FP32 greedily, most
-//! sensitive first, re-measuring after each, until the budget holds. When even keeping every
-//! candidate in FP32 misses the budget, the search fails with the figures rather than
-//! returning a silently worse model.
+//! The plain recipe is evaluated first (one full evaluation: quantize, run the holdout, score
+//! against FP32); when it misses, the quantized nodes are ranked by their local SQNR, measured
+//! in a few instrumented runs ([`crate::sensitivity`]), and the number `k` of most sensitive
+//! nodes kept FP32 is searched by galloping and bisection ([`crate::prefix_search`]), each
+//! probe one full evaluation. So a search costs a handful of runs plus about `2 log2(k)`
+//! evaluations instead of one evaluation per node; the configuration returned is one that was
+//! evaluated and met the budget.
+//!
+//! When even the cap (`max_fp32_fraction`, or every node) misses, the search fails with the
+//! figures rather than returning a silently worse model. A time limit bounds the search: it
+//! starts no evaluation it expects to end past the limit, and stopping returns the smallest
+//! configuration that met the budget so far (marked as stopped early) or fails with the best
+//! one reached.
 
 use std::borrow::Cow;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use mantissa_model_store::DriftBudget;
 use mantissa_quantize::onnx::ModelProto;
@@ -18,7 +27,10 @@ use mantissa_runtime::samples::{load_sample, sample_files};
 use mantissa_runtime::{Environment, InferenceRequest, OutputTensor, execute, open_internal_session};
 
 use crate::accuracy::{DriftReport, compare_runs};
+use crate::calibrate::group_budget_bytes;
 use crate::error::PrepareError;
+use crate::prefix_search::{PrefixSearch, Probe, smallest_meeting_prefix};
+use crate::sensitivity::{SensitivityJob, rank_by_local_sqnr};
 
 /// A drift budget the static INT8 pass must meet on holdout data, by keeping the most
 /// sensitive nodes in FP32.
@@ -26,6 +38,7 @@ use crate::error::PrepareError;
 pub struct BudgetSearch<'a> {
     pub holdout: &'a Path,
     pub class_outputs: &'a [String],
+    /// The figures to meet, the cap on nodes kept FP32 and the search's time limit.
     pub budget: &'a DriftBudget,
     /// When no configuration meets the budget: fall back to the plain recipe (the startup
     /// drift check then serves it flagged) instead of failing the build.
@@ -56,7 +69,7 @@ impl StaticRecipe<'_> {
 /// What the search did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchReport {
-    /// Nodes kept in FP32 by the search (in the order they were added).
+    /// Nodes kept in FP32 by the search, most sensitive first.
     pub kept_fp32: Vec<String>,
     /// Quantized nodes the plain recipe produced.
     pub candidates: usize,
@@ -66,7 +79,15 @@ pub struct SearchReport {
     /// Same figures for the plain recipe.
     pub initial_cosine: f64,
     pub initial_top1_agreement: Option<f64>,
+    /// Full evaluations (quantize, run the holdout, score), the plain recipe's included.
     pub evaluations: usize,
+    /// Instrumented runs over the holdout that measured node sensitivity.
+    pub sensitivity_runs: usize,
+    /// Time the search took (calibration excluded).
+    pub elapsed: Duration,
+    /// The time limit stopped the search after a configuration met the budget, so fewer nodes
+    /// in FP32 might have met it too.
+    pub time_limited: bool,
 }
 
 /// Scores candidate models against FP32 outputs computed once on the holdout samples.
@@ -75,11 +96,6 @@ struct Evaluator<'a> {
     samples: Vec<InferenceRequest>,
     reference: Vec<Vec<OutputTensor>>,
     class_outputs: &'a [String],
-}
-
-/// Larger is better: the budget's own measures, cosine first.
-fn rank_key(report: &DriftReport) -> (f64, f64) {
-    (report.worst_cosine(), report.worst_top1().unwrap_or(1.0))
 }
 
 impl<'a> Evaluator<'a> {
@@ -115,94 +131,281 @@ impl<'a> Evaluator<'a> {
     }
 }
 
+/// One evaluated configuration: the `k` most sensitive nodes kept FP32.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Reached {
+    k: usize,
+    cosine: f64,
+    top1: Option<f64>,
+}
+
+impl Reached {
+    fn of(k: usize, report: &DriftReport) -> Self {
+        Self { k, cosine: report.worst_cosine(), top1: report.worst_top1() }
+    }
+
+    /// Larger is better: the budget's own measures, cosine first.
+    fn key(&self) -> (f64, f64) {
+        (self.cosine, self.top1.unwrap_or(1.0))
+    }
+}
+
+/// The clock, the count of evaluations and the progress log of one search.
+struct Progress<'a> {
+    label: &'a str,
+    started: Instant,
+    limit: Option<Duration>,
+    evaluations: usize,
+    /// Time spent in full evaluations, for the expected length of the next one.
+    evaluating: Duration,
+}
+
+impl Progress<'_> {
+    /// The expected length of one more evaluation: the mean so far.
+    fn expected_evaluation(&self) -> Duration {
+        self.evaluating / u32::try_from(self.evaluations.max(1)).unwrap_or(u32::MAX)
+    }
+
+    /// Whether work expected to take `next` would end past the time limit.
+    fn out_of_time(&self, next: Duration) -> bool {
+        self.limit.is_some_and(|limit| self.started.elapsed() + next > limit)
+    }
+
+    /// Counts an evaluation that took `took` and logs where the search stands; `left` is how
+    /// many evaluations may still follow.
+    fn evaluated(&mut self, took: Duration, reached: &Reached, meets: bool, left: usize) {
+        self.evaluations += 1;
+        self.evaluating += took;
+        let eta = self.expected_evaluation().as_secs_f64() * left as f64;
+        tracing::info!(
+            variant = self.label,
+            pass = "int8 budget search",
+            evaluations_done = self.evaluations,
+            evaluations_planned = self.evaluations + left,
+            kept_fp32 = reached.k,
+            cosine = reached.cosine,
+            top1 = ?reached.top1,
+            meets,
+            elapsed_ms = self.started.elapsed().as_millis() as u64,
+            eta_s = (eta * 10.0).round() / 10.0,
+            "budget search"
+        );
+    }
+}
+
+/// Why the probe loop stopped before its end.
+enum Halt {
+    TimeLimit,
+    Failed(PrepareError),
+}
+
+impl From<PrepareError> for Halt {
+    fn from(err: PrepareError) -> Self {
+        Halt::Failed(err)
+    }
+}
+
+/// What the probe loop keeps: the smallest configuration that met and its model, the best
+/// that missed (reported when the time limit stops the search) and the last that missed (the
+/// cap, when nothing met).
+struct Probed {
+    met: Option<(Reached, ModelProto, Int8Report)>,
+    best_miss: Reached,
+    last_miss: Reached,
+}
+
 /// Quantizes the recipe statically and keeps nodes in FP32 until the search's budget holds on
-/// its holdout data.
+/// its holdout data. `label` (`model:variant`) names the variant in progress logs.
 pub fn search(
     environment: &Environment,
     recipe: &StaticRecipe<'_>,
     search: &BudgetSearch<'_>,
+    label: &str,
 ) -> Result<(ModelProto, Int8Report, SearchReport), PrepareError> {
     let budget = search.budget;
+    let mut progress = Progress {
+        label,
+        started: Instant::now(),
+        limit: budget.search_time_limit,
+        evaluations: 0,
+        evaluating: Duration::ZERO,
+    };
     let evaluator = Evaluator::new(environment, recipe.fp32, search.holdout, search.class_outputs)?;
+    let evaluation_started = Instant::now();
     let (model, report) = recipe.quantize_keeping(&[])?;
     let initial = evaluator.score(&model)?;
-    let mut searched = SearchReport {
-        kept_fp32: Vec::new(),
-        candidates: report.quantized.len(),
-        cosine: initial.worst_cosine(),
-        top1_agreement: initial.worst_top1(),
-        initial_cosine: initial.worst_cosine(),
-        initial_top1_agreement: initial.worst_top1(),
-        evaluations: 1,
-    };
-    if initial.meets(budget) {
-        return Ok((model, report, searched));
-    }
-    let ranked = rank_by_sensitivity(&evaluator, recipe, &report, &mut searched)?;
+    let plain = Reached::of(0, &initial);
+    let candidates = report.quantized.len();
     // The cap on nodes kept FP32 (rounded down; all candidates without a cap).
     let cap = budget
         .max_fp32_fraction
-        .map_or(ranked.len(), |fraction| ((fraction * ranked.len() as f64) + 1e-9).floor() as usize);
-    let mut kept = Vec::new();
-    for name in ranked.iter().take(cap) {
-        kept.push(name.clone());
-        let (candidate, candidate_report) = recipe.quantize_keeping(&kept)?;
-        let score = evaluator.score(&candidate)?;
-        searched.evaluations += 1;
-        searched.cosine = score.worst_cosine();
-        searched.top1_agreement = score.worst_top1();
-        if score.meets(budget) {
-            searched.kept_fp32 = kept;
-            tracing::info!(kept_fp32 = ?searched.kept_fp32, cosine = searched.cosine, top1 = ?searched.top1_agreement, "mixed precision: budget met");
-            return Ok((candidate, candidate_report, searched));
-        }
+        .map_or(candidates, |fraction| ((fraction * candidates as f64) + 1e-9).floor() as usize);
+    let planned = if initial.meets(budget) { 0 } else { PrefixSearch::new(cap).left() };
+    progress.evaluated(evaluation_started.elapsed(), &plain, initial.meets(budget), planned);
+    let mut searched = SearchReport {
+        kept_fp32: Vec::new(),
+        candidates,
+        cosine: plain.cosine,
+        top1_agreement: plain.top1,
+        initial_cosine: plain.cosine,
+        initial_top1_agreement: plain.top1,
+        evaluations: 1,
+        sensitivity_runs: 0,
+        elapsed: Duration::ZERO,
+        time_limited: false,
+    };
+    if initial.meets(budget) {
+        searched.elapsed = progress.started.elapsed();
+        return Ok((model, report, searched));
     }
-    Err(PrepareError::BudgetMissed(miss_message(budget, &searched, cap, ranked.len())))
+    if cap == 0 {
+        return Err(PrepareError::BudgetMissed(miss_message(budget, &searched, &plain, cap)));
+    }
+    // The instrumented runs cost about one evaluation each; they are not started past the limit.
+    if progress.out_of_time(progress.expected_evaluation()) {
+        return Err(timed_out(budget, &progress, &plain, candidates));
+    }
+    let ranked = rank(environment, recipe, &evaluator, &model, &report, search.holdout, &mut searched)?;
+    drop(model);
+    let mut probed = Probed { met: None, best_miss: plain, last_miss: plain };
+    let outcome = smallest_meeting_prefix(cap, |probe: Probe| {
+        probe_prefix(recipe, &evaluator, budget, &ranked, probe, &mut progress, &mut probed)
+    });
+    let stopped = match outcome {
+        Ok(_) => false,
+        Err(Halt::TimeLimit) => true,
+        Err(Halt::Failed(err)) => return Err(err),
+    };
+    searched.evaluations = progress.evaluations;
+    searched.elapsed = progress.started.elapsed();
+    let Some((reached, model, report)) = probed.met.take() else {
+        return Err(if stopped {
+            timed_out(budget, &progress, &probed.best_miss, candidates)
+        } else {
+            PrepareError::BudgetMissed(miss_message(budget, &searched, &probed.last_miss, cap))
+        });
+    };
+    searched.time_limited = stopped;
+    searched.kept_fp32 = ranked[..reached.k].to_vec();
+    searched.cosine = reached.cosine;
+    searched.top1_agreement = reached.top1;
+    if searched.time_limited {
+        tracing::warn!(
+            variant = label,
+            kept_fp32 = reached.k,
+            "mixed precision: the time limit stopped the search; fewer nodes in FP32 might meet the budget too"
+        );
+    }
+    tracing::info!(
+        variant = label,
+        kept_fp32 = ?searched.kept_fp32,
+        cosine = searched.cosine,
+        top1 = ?searched.top1_agreement,
+        evaluations = searched.evaluations,
+        sensitivity_runs = searched.sensitivity_runs,
+        elapsed_ms = searched.elapsed.as_millis() as u64,
+        "mixed precision: budget met"
+    );
+    Ok((model, report, searched))
 }
 
-/// Quantized nodes, most sensitive first: the score with each node alone left in FP32.
-fn rank_by_sensitivity(
-    evaluator: &Evaluator<'_>,
+/// The plain recipe's quantized nodes, most sensitive first (see [`crate::sensitivity`]).
+fn rank(
+    environment: &Environment,
     recipe: &StaticRecipe<'_>,
+    evaluator: &Evaluator<'_>,
+    quantized: &ModelProto,
     report: &Int8Report,
+    holdout: &Path,
     searched: &mut SearchReport,
 ) -> Result<Vec<String>, PrepareError> {
-    let mut ranked = Vec::new();
-    for (name, _) in &report.quantized {
-        let (candidate, _) = recipe.quantize_keeping(std::slice::from_ref(name))?;
-        let score = evaluator.score(&candidate)?;
-        searched.evaluations += 1;
-        ranked.push((name.clone(), score));
-    }
-    ranked.sort_by(|a, b| rank_key(&b.1).partial_cmp(&rank_key(&a.1)).unwrap_or(std::cmp::Ordering::Equal));
+    let started = Instant::now();
+    let job = SensitivityJob {
+        fp32: recipe.fp32,
+        quantized,
+        nodes: &report.quantized,
+        samples: &evaluator.samples,
+        group_budget_bytes: group_budget_bytes(environment, recipe.fp32, holdout)?,
+    };
+    let ranking = rank_by_local_sqnr(environment, &job)?;
+    searched.sensitivity_runs = ranking.runs;
     tracing::info!(
-        candidates = ranked.len(),
-        most_sensitive = ?ranked.iter().take(5).map(|(n, s)| (n.as_str(), s.worst_cosine())).collect::<Vec<_>>(),
-        "mixed precision: node sensitivity measured"
+        candidates = ranking.nodes.len(),
+        runs = ranking.runs,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        most_sensitive = ?ranking.nodes.iter().take(5).map(|n| (n.node.as_str(), n.sqnr_db)).collect::<Vec<_>>(),
+        "mixed precision: node sensitivity measured (local SQNR, dB)"
     );
-    Ok(ranked.into_iter().map(|(name, _)| name).collect())
+    Ok(ranking.nodes.into_iter().map(|n| n.node).collect())
 }
 
-fn miss_message(budget: &DriftBudget, searched: &SearchReport, cap: usize, candidates: usize) -> String {
-    if cap < candidates {
+/// One probe of the prefix search: the `probe.k` most sensitive nodes kept FP32, evaluated in
+/// full. Stops with [`Halt::TimeLimit`] rather than start an evaluation expected to end past
+/// the limit.
+fn probe_prefix(
+    recipe: &StaticRecipe<'_>,
+    evaluator: &Evaluator<'_>,
+    budget: &DriftBudget,
+    ranked: &[String],
+    probe: Probe,
+    progress: &mut Progress<'_>,
+    probed: &mut Probed,
+) -> Result<bool, Halt> {
+    if progress.out_of_time(progress.expected_evaluation()) {
+        return Err(Halt::TimeLimit);
+    }
+    let started = Instant::now();
+    let (candidate, candidate_report) = recipe.quantize_keeping(&ranked[..probe.k])?;
+    let score = evaluator.score(&candidate)?;
+    let reached = Reached::of(probe.k, &score);
+    let meets = score.meets(budget);
+    progress.evaluated(started.elapsed(), &reached, meets, probe.left - 1);
+    if meets {
+        probed.met = Some((reached, candidate, candidate_report));
+    } else {
+        if reached.key() > probed.best_miss.key() {
+            probed.best_miss = reached;
+        }
+        probed.last_miss = reached;
+    }
+    Ok(meets)
+}
+
+/// The time-limit failure, with the best configuration reached.
+fn timed_out(budget: &DriftBudget, progress: &Progress<'_>, best: &Reached, candidates: usize) -> PrepareError {
+    PrepareError::SearchTimeLimit {
+        limit: budget.search_time_limit.unwrap_or_default(),
+        elapsed: progress.started.elapsed(),
+        evaluations: progress.evaluations,
+        reached: format!(
+            "the best configuration reached keeps {} of {candidates} quantized nodes in FP32: cosine {:.6}, top-1 agreement {:?}, short of the budget (min_cosine {:?}, min_top1_agreement {:?})",
+            best.k, best.cosine, best.top1, budget.min_cosine, budget.min_top1_agreement
+        ),
+    }
+}
+
+fn miss_message(budget: &DriftBudget, searched: &SearchReport, at_cap: &Reached, cap: usize) -> String {
+    if cap < searched.candidates {
         return format!(
-            "the drift budget (min_cosine {:?}, min_top1_agreement {:?}) needs more than {cap} of {} quantized nodes in FP32 (max_fp32_fraction {}): with the {cap} most sensitive kept, cosine {:.6}, top-1 agreement {:?} (plain recipe: cosine {:.6})",
+            "the drift budget (min_cosine {:?}, min_top1_agreement {:?}) needs more than {cap} of {} quantized nodes in FP32 (max_fp32_fraction {}): with the {cap} most sensitive kept, cosine {:.6}, top-1 agreement {:?} (plain recipe: cosine {:.6}; {} evaluations)",
             budget.min_cosine,
             budget.min_top1_agreement,
             searched.candidates,
             budget.max_fp32_fraction.unwrap_or(1.0),
-            searched.cosine,
-            searched.top1_agreement,
-            searched.initial_cosine
+            at_cap.cosine,
+            at_cap.top1,
+            searched.initial_cosine,
+            searched.evaluations
         );
     }
     format!(
-        "the drift budget (min_cosine {:?}, min_top1_agreement {:?}) is missed even with all {} quantized nodes kept in FP32: cosine {:.6}, top-1 agreement {:?} (plain recipe: cosine {:.6})",
+        "the drift budget (min_cosine {:?}, min_top1_agreement {:?}) is missed even with all {} quantized nodes kept in FP32: cosine {:.6}, top-1 agreement {:?} (plain recipe: cosine {:.6}; {} evaluations)",
         budget.min_cosine,
         budget.min_top1_agreement,
         searched.candidates,
-        searched.cosine,
-        searched.top1_agreement,
-        searched.initial_cosine
+        at_cap.cosine,
+        at_cap.top1,
+        searched.initial_cosine,
+        searched.evaluations
     )
 }

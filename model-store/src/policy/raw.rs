@@ -9,7 +9,7 @@ use mantissa_quantize::passes::fp16::Fp16Options;
 use mantissa_quantize::passes::int8::Int8Options;
 use serde::Deserialize;
 
-use super::types::{BudgetMiss, DriftBudget, PolicyError, Precision, ShadowSettings};
+use super::types::{BudgetMiss, PolicyError, Precision, ShadowSettings};
 
 /// The whole file. Only `variants` is required; the other sections have defaults.
 #[derive(Debug, Default, Deserialize)]
@@ -69,9 +69,19 @@ pub(super) struct RawDrift {
     #[serde(default)]
     pub(super) class_outputs: Vec<String>,
     #[serde(default)]
-    pub(super) budget: DriftBudget,
+    pub(super) budget: RawBudget,
     #[serde(default)]
     pub(super) on_budget_miss: BudgetMiss,
+}
+
+/// `drift.budget`; its time limit stays text until validation bounds it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBudget {
+    pub(super) min_cosine: Option<f64>,
+    pub(super) min_top1_agreement: Option<f64>,
+    pub(super) max_fp32_fraction: Option<f64>,
+    pub(super) search_time_limit: Option<String>,
 }
 
 /// Deserializes policy text, turning serde's error into a [`PolicyError`] whose key is the

@@ -198,6 +198,36 @@ fn drift_section_is_validated() {
 }
 
 #[test]
+fn budget_search_time_limit_is_a_duration() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("holdout")).unwrap();
+    let path = dir.path().join("policy.yaml");
+    let base = "variants:\n  fp32:\n    precision: fp32\n  half:\n    precision: fp16\nrouting:\n  default: fp32\n";
+    let budget = |limit: &str| {
+        format!(
+            "{base}drift:\n  holdout_data: holdout\n  budget:\n    min_cosine: 0.99\n    search_time_limit: {limit}\n"
+        )
+    };
+    let policy = Policy::parse(&budget("5m"), &path).unwrap();
+    assert_eq!(policy.drift.unwrap().budget.search_time_limit, Some(Duration::from_secs(300)));
+    let policy = Policy::parse(&budget("1500ms"), &path).unwrap();
+    assert_eq!(policy.drift.unwrap().budget.search_time_limit, Some(Duration::from_millis(1500)));
+    let policy =
+        Policy::parse(&format!("{base}drift:\n  holdout_data: holdout\n  budget:\n    min_cosine: 0.99\n"), &path)
+            .unwrap();
+    assert_eq!(policy.drift.unwrap().budget.search_time_limit, None);
+    for (bad, wanted) in
+        [("soon", "expected a duration like"), ("2h", "expected a duration like"), ("1441m", "between 0 and")]
+    {
+        let err = Policy::parse(&budget(bad), &path).unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(12), "drift.budget.search_time_limit"), "{bad}: {err}");
+        assert!(err.message.contains(wanted), "{bad}: {err}");
+        let text = err.to_string();
+        assert!(text.starts_with(&format!("{}:12: key `drift.budget.search_time_limit`", path.display())), "{text}");
+    }
+}
+
+#[test]
 fn shadow_section_is_validated() {
     let base = "variants:\n  fp32:\n    precision: fp32\n  half:\n    precision: fp16\nrouting:\n  default: fp32\n";
     let policy = parse(&format!("{base}shadow:\n  reference: fp32\n  sample_rate: 0.25\n")).unwrap();

@@ -1,8 +1,8 @@
 //! The validated policy as the rest of the server sees it. These types carry no parsing or
 //! validation logic, so they depend on neither stage and both stages can depend on them.
 //!
-//! A few of them (`Precision`, `DriftBudget`, `BudgetMiss`, `ShadowSettings`) are also read
-//! straight from YAML, because their YAML form is already their typed form.
+//! A few of them (`Precision`, `BudgetMiss`, `ShadowSettings`) are also read straight from
+//! YAML, because their YAML form is already their typed form.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -158,15 +158,20 @@ pub struct DriftSettings {
     pub on_budget_miss: BudgetMiss,
 }
 
-/// Minimum agreement a variant must reach with the reference.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// Minimum agreement a variant must reach with the reference. Serialized into the artifact
+/// cache's key, so it holds only what decides the artifact.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DriftBudget {
     pub min_cosine: Option<f64>,
     pub min_top1_agreement: Option<f64>,
     /// The most of a static INT8 variant's quantized nodes the mixed-precision search may keep
     /// in FP32 (a fraction; none: no cap). A variant that needs more misses the budget.
     pub max_fp32_fraction: Option<f64>,
+    /// The longest the mixed-precision search may run (none: no limit). Left out of the cache
+    /// key: a search that finishes in time builds the same artifact whatever the limit, and
+    /// one stopped by the limit is not cached.
+    #[serde(skip)]
+    pub search_time_limit: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 
 use mantissa_quantize::passes::int8::{Int8Error, Int8Mode, Int8Options};
 
-use super::raw::{RawDrift, RawPolicy, RawRouting, RawServing, RawVariant};
+use super::raw::{RawBudget, RawDrift, RawPolicy, RawRouting, RawServing, RawVariant};
 use super::types::{
-    DriftSettings, Policy, PolicyError, Precision, ServingSettings, ShadowSettings, Split, VariantSpec,
+    DriftBudget, DriftSettings, Policy, PolicyError, Precision, ServingSettings, ShadowSettings, Split, VariantSpec,
 };
 use crate::duration::parse_duration;
 use crate::yaml_location::line_of_key;
@@ -220,10 +220,25 @@ fn validate_drift(
     if !raw_variants.contains_key(&reference) {
         return Err(source.error(&["drift", "reference"], format!("names unknown variant `{reference}`")));
     }
+    Ok(DriftSettings {
+        holdout_data: holdout,
+        reference,
+        class_outputs: drift.class_outputs,
+        budget: validate_budget(&drift.budget, source)?,
+        on_budget_miss: drift.on_budget_miss,
+    })
+}
+
+/// The longest `drift.budget.search_time_limit` may be (a day): a startup that would wait
+/// longer is a mistake in the file, not a setting.
+const MAX_SEARCH_SECONDS: f64 = 24.0 * 3600.0;
+
+/// `drift.budget`: every figure a fraction in [0, 1], the time limit a bounded duration.
+fn validate_budget(raw: &RawBudget, source: &Source) -> Result<DriftBudget, PolicyError> {
     for (key, value) in [
-        ("min_cosine", drift.budget.min_cosine),
-        ("min_top1_agreement", drift.budget.min_top1_agreement),
-        ("max_fp32_fraction", drift.budget.max_fp32_fraction),
+        ("min_cosine", raw.min_cosine),
+        ("min_top1_agreement", raw.min_top1_agreement),
+        ("max_fp32_fraction", raw.max_fp32_fraction),
     ] {
         if let Some(value) = value
             && !(0.0..=1.0).contains(&value)
@@ -231,12 +246,18 @@ fn validate_drift(
             return Err(source.error(&["drift", "budget", key], format!("expected a value in [0, 1], got {value}")));
         }
     }
-    Ok(DriftSettings {
-        holdout_data: holdout,
-        reference,
-        class_outputs: drift.class_outputs,
-        budget: drift.budget,
-        on_budget_miss: drift.on_budget_miss,
+    let search_time_limit = match &raw.search_time_limit {
+        Some(text) => Some(
+            parse_duration(text, MAX_SEARCH_SECONDS)
+                .map_err(|message| source.error(&["drift", "budget", "search_time_limit"], message))?,
+        ),
+        None => None,
+    };
+    Ok(DriftBudget {
+        min_cosine: raw.min_cosine,
+        min_top1_agreement: raw.min_top1_agreement,
+        max_fp32_fraction: raw.max_fp32_fraction,
+        search_time_limit,
     })
 }
 

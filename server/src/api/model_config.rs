@@ -126,6 +126,14 @@ fn render_int8(int8: &Int8Facts, out: &mut Parameters) {
         out.set("int8_budget_kept_fp32", search.kept_fp32.join(","));
         out.set("int8_budget_search_cosine", search.cosine);
         out.set("int8_plain_recipe_cosine", search.plain_recipe_cosine);
+        out.set("int8_budget_search_evaluations", search.evaluations);
+        out.set("int8_budget_search_ms", search.search_ms);
+        if search.time_limited {
+            out.set("int8_budget_search_time_limited", true);
+        }
+    }
+    if let Some(fallback) = &int8.budget_fallback {
+        out.set("int8_budget_fallback", &fallback.reason);
     }
     out.set("int8_mode", format!("{:?}", int8.mode).to_lowercase());
     out.set("int8_nodes_quantized", int8.nodes_quantized);

@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use mantissa_model_store::{DriftBudget, Policy, PolicyError, Precision, VariantSpec};
 use mantissa_preparation::PrepareError;
 use mantissa_preparation::calibrate::run_first_sample;
-use mantissa_preparation::int8::{Int8Job, quantize_int8};
+use mantissa_preparation::int8::{Int8Job, Int8Outcome, quantize_int8};
 use mantissa_preparation::search::{BudgetSearch, SearchReport};
 use mantissa_quantize::calibration::CalibrationMethodKind;
 use mantissa_quantize::onnx::ModelProto;
@@ -87,6 +87,10 @@ pub struct QuantizeArgs {
     /// fraction); needing more is a budget miss.
     #[arg(long, requires = "holdout")]
     pub budget_max_fp32_fraction: Option<f64>,
+    /// INT8 static: the longest the budget search may run (e.g. 5m, 30s, 500ms; calibration
+    /// excluded); past it the search fails with the best configuration it reached.
+    #[arg(long, requires = "holdout", value_parser = super::duration_arg)]
+    pub budget_time_limit: Option<std::time::Duration>,
     /// Outputs holding class scores (for --budget-top1); repeatable.
     #[arg(long)]
     pub class_output: Vec<String>,
@@ -263,6 +267,7 @@ fn budget_from_flags(args: &QuantizeArgs) -> Result<DriftBudget, QuantizeError> 
         min_cosine: args.budget_cosine,
         min_top1_agreement: args.budget_top1,
         max_fp32_fraction: args.budget_max_fp32_fraction,
+        search_time_limit: args.budget_time_limit,
     };
     for (flag, value) in [
         ("--budget-cosine", budget.min_cosine),
@@ -295,7 +300,7 @@ fn run_int8(args: &QuantizeArgs, model: &mut ModelProto) -> Result<Summary, Quan
             },
         );
     let mut memory_peaks = None;
-    let (report, searched) = match &environment {
+    let outcome = match &environment {
         Some(environment) => {
             let job = Int8Job { options: &options, label: "quantize", budget: search };
             let (result, peaks) =
@@ -304,15 +309,19 @@ fn run_int8(args: &QuantizeArgs, model: &mut ModelProto) -> Result<Summary, Quan
             result
         }
         None if options.mode == Int8Mode::WeightOnly => {
-            quantize_weight_only(model, &options).map(|r| (r, None)).map_err(|err| err.to_string())
+            quantize_weight_only(model, &options).map(plain_outcome).map_err(|err| err.to_string())
         }
-        None => quantize_dynamic(model, &options).map(|r| (r, None)).map_err(|err| err.to_string()),
+        None => quantize_dynamic(model, &options).map(plain_outcome).map_err(|err| err.to_string()),
     }
     .map_err(|err| QuantizeError::pass(&args.model, err))?;
-    Ok(Summary::Int8(report, options.mode, searched, memory_peaks))
+    Ok(Summary::Int8(outcome.report, options.mode, outcome.search, memory_peaks))
 }
 
-type StaticOutcome = Result<(Int8Report, Option<SearchReport>), String>;
+fn plain_outcome(report: Int8Report) -> Int8Outcome {
+    Int8Outcome { report, search: None, fallback: None }
+}
+
+type StaticOutcome = Result<Int8Outcome, String>;
 
 /// Runs the static pass, measuring the peak memory of FP32 inference at the calibration batch
 /// and then of the whole static pass (calibration, quantization, search), each alone.
@@ -372,12 +381,15 @@ fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Dur
         Summary::Int8(report, _, searched, memory) => {
             if let Some(searched) = searched {
                 println!(
-                    "  budget search:           plain recipe cosine {:.6} -> {:.6} with {} of {} nodes kept FP32 ({} evaluations)",
+                    "  budget search:           plain recipe cosine {:.6} -> {:.6} with {} of {} nodes kept FP32 ({} evaluations, {} sensitivity runs, {:.1} s{})",
                     searched.initial_cosine,
                     searched.cosine,
                     searched.kept_fp32.len(),
                     searched.candidates,
-                    searched.evaluations
+                    searched.evaluations,
+                    searched.sensitivity_runs,
+                    searched.elapsed.as_secs_f64(),
+                    if searched.time_limited { "; stopped by the time limit" } else { "" }
                 );
                 for node in &searched.kept_fp32 {
                     println!("      kept FP32 by the search: {node}");
