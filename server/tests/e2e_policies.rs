@@ -150,7 +150,9 @@ async fn probe_behind_blocker(
         let mut slow_client = client.clone();
         let request = blocker.clone();
         let slow = tokio::spawn(async move { slow_client.model_infer(request).await });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Long enough for the blocker to reach the worker, short against its run (on a fast
+        // CPU the 1024-row blocker takes about 0.1 s, and the probe's deadline is 60 ms).
+        tokio::time::sleep(Duration::from_millis(25)).await;
         let result = client.clone().model_infer(probe()).await;
         let _ = slow.await.unwrap();
         if let Err(status) = result {
