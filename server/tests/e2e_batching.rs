@@ -107,7 +107,16 @@ async fn concurrent_clients_each_get_their_own_rows_from_merged_runs() {
         task.await.unwrap();
     }
 
-    let metrics = scrape(&server.metrics_addr);
+    // A worker records a run's batch size after it has answered the run's requests, so the
+    // last run can reach the metrics a moment after its clients have their responses.
+    let mut metrics = scrape(&server.metrics_addr);
+    for _ in 0..50 {
+        if metric_value(&metrics, "mantissa_batch_size_sum", &[]) - requests_before >= 96.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        metrics = scrape(&server.metrics_addr);
+    }
     let runs = metric_value(&metrics, "mantissa_batch_size_count", &[]) - runs_before;
     let single = metric_value(&metrics, "mantissa_batch_size_bucket", &["le=\"1\""]) - single_before;
     let merged_requests = metric_value(&metrics, "mantissa_batch_size_sum", &[]) - requests_before;
