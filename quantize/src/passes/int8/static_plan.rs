@@ -57,12 +57,23 @@ fn weight_inputs(node: &NodeProto) -> &'static [usize] {
 
 /// Tensors whose ranges static quantization needs, in a stable order.
 pub fn tensors_to_calibrate(model: &ModelProto, options: &Int8Options) -> Result<Vec<String>, Int8Error> {
-    let graph = model.graph.as_ref().ok_or(Int8Error::NoGraph)?;
-    let mut sorted = graph.clone();
+    let (_, _, plan) = canonical_plan(model, options)?;
+    Ok(own_ranges(&plan))
+}
+
+/// A copy of `model`'s graph in canonical form (the one [`plan_for_ranges`] rewrites, so tensor
+/// names match), its element types, and the plan for `options` over it.
+fn canonical_plan(model: &ModelProto, options: &Int8Options) -> Result<(GraphProto, ElemTypes, Plan), Int8Error> {
+    let mut sorted = model.graph.as_ref().ok_or(Int8Error::NoGraph)?.clone();
     canonicalize(&mut sorted)?;
     let types = infer_elem_types(&sorted, &ElemTypes::new());
     let plan = plan_with_gemm_folds(&mut sorted, &types, options)?;
-    Ok(plan.tensors.into_iter().filter(|t| !plan.shares.contains_key(t)).collect())
+    Ok((sorted, types, plan))
+}
+
+/// The planned tensors with a range of their own (not sharing another tensor's), in plan order.
+fn own_ranges(plan: &Plan) -> Vec<String> {
+    plan.tensors.iter().filter(|t| !plan.shares.contains_key(*t)).cloned().collect()
 }
 
 /// Ops whose output is the extreme of their input: a calibrated range that clips the tail
@@ -74,18 +85,14 @@ const MAX_OPS: &[&str] = &["MaxPool", "GlobalMaxPool", "ReduceMax"];
 /// `[min, max]` whatever the calibration method: the input or output of a max-taking op, or
 /// a tensor whose parameters such a tensor shares.
 pub fn tensors_needing_full_range(model: &ModelProto, options: &Int8Options) -> Result<Vec<String>, Int8Error> {
-    let graph = model.graph.as_ref().ok_or(Int8Error::NoGraph)?;
-    let mut sorted = graph.clone();
-    canonicalize(&mut sorted)?;
-    let types = infer_elem_types(&sorted, &ElemTypes::new());
-    let plan = plan_with_gemm_folds(&mut sorted, &types, options)?;
+    let (sorted, _, plan) = canonical_plan(model, options)?;
     let mut wanted = BTreeSet::new();
     for node in sorted.node.iter().filter(|n| n.domain().is_empty() && MAX_OPS.contains(&n.op_type())) {
         for tensor in node.input.first().into_iter().chain(node.output.first()) {
             wanted.insert(range_source(&plan, tensor).to_owned());
         }
     }
-    Ok(plan.tensors.into_iter().filter(|t| !plan.shares.contains_key(t) && wanted.contains(t)).collect())
+    Ok(own_ranges(&plan).into_iter().filter(|t| wanted.contains(t)).collect())
 }
 
 /// Tensors whose ranges static quantization needs for `options` and for the same options
@@ -93,13 +100,7 @@ pub fn tensors_needing_full_range(model: &ModelProto, options: &Int8Options) -> 
 /// that keeping a node (which can unfuse a Conv from its Relu, or end the sharing of a
 /// Reshape's parameters) finds its neighbours' ranges already measured.
 pub fn tensors_to_calibrate_for_search(model: &ModelProto, options: &Int8Options) -> Result<Vec<String>, Int8Error> {
-    let graph = model.graph.as_ref().ok_or(Int8Error::NoGraph)?;
-    let mut sorted = graph.clone();
-    canonicalize(&mut sorted)?;
-    let types = infer_elem_types(&sorted, &ElemTypes::new());
-    let base = plan_with_gemm_folds(&mut sorted, &types, options)?;
-    let own_ranges =
-        |plan: &Plan| plan.tensors.iter().filter(|t| !plan.shares.contains_key(*t)).cloned().collect::<Vec<_>>();
+    let (sorted, types, base) = canonical_plan(model, options)?;
     let mut tensors: BTreeSet<String> = own_ranges(&base).into_iter().collect();
     let mut ordered: Vec<String> = own_ranges(&base);
     for &position in &base.nodes {
