@@ -3,7 +3,8 @@
 //!
 //! - [`build`]: parse the model and run the variant's precision pass ([`build_variant`]);
 //! - [`int8`]: the INT8 step (dynamic, weight-only, or static: calibrate, then search);
-//! - [`calibrate`]: static calibration on sample data, tensors observed in groups;
+//! - [`calibrate`]: static calibration on sample data, each sample run once through the graph's
+//!   segments ([`segmented`]; tensor groups where a model cannot be cut);
 //! - [`search`]: the accuracy-budget search that keeps the most sensitive nodes FP32, ranking
 //!   them by [`sensitivity`] (local SQNR from instrumented runs) and searching how many to keep
 //!   with [`prefix_search`] (galloping and bisection, free of models so it is tested alone);
@@ -29,6 +30,7 @@ pub mod int8;
 pub mod output_parts;
 pub mod prefix_search;
 pub mod search;
+pub mod segmented;
 pub mod sensitivity;
 
 pub use build::{BuiltVariant, build_variant};

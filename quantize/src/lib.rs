@@ -10,6 +10,7 @@
 //! - [`tensor`]: reading, building and narrowing initializer values.
 //! - [`graph`]: the read-only index: producers, consumers, topological order, first/last layers.
 //! - [`rewrite`]: rewrite helpers: fresh names, renaming, edge insertion, bias folding, dead code.
+//! - [`split`]: a model cut into consecutive segment models (calibration runs them in turn).
 //! - [`calibration`]: streamed range histograms and percentile/entropy/MSE threshold searches.
 //! - [`quant_params`]: scale/zero-point math: activations, per-channel weights, int32 bias, blocks.
 //! - [`passes::canonicalize`]: Constant nodes to initializers and topological order.
@@ -28,6 +29,7 @@ pub mod passes;
 pub mod quant_params;
 pub mod ranks;
 pub mod rewrite;
+pub mod split;
 pub mod tensor;
 #[cfg(test)]
 mod test_support;

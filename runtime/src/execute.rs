@@ -123,6 +123,16 @@ pub fn execute_visit(
     request: &InferenceRequest,
     mut visit: impl FnMut(&str, &[u8]),
 ) -> Result<(), RuntimeError> {
+    execute_visit_tensors(session, signature, request, |spec, _, bytes| visit(&spec.name, bytes))
+}
+
+/// [`execute_visit`], also handing over each output's spec and shape.
+pub fn execute_visit_tensors(
+    session: &mut Session,
+    signature: &ModelSignature,
+    request: &InferenceRequest,
+    mut visit: impl FnMut(&TensorSpec, &[i64], &[u8]),
+) -> Result<(), RuntimeError> {
     let inputs = session_inputs(signature, request)?;
     let outputs = session.run(inputs).map_err(|err| RuntimeError::Execution(err.to_string()))?;
     for &index in &request.outputs {
@@ -133,12 +143,16 @@ pub fn execute_visit(
         }
         let value = outputs.get(&spec.name).ok_or_else(|| fail("missing from the run".to_owned()))?;
         let tensor = value.view().downcast::<ort::value::DynTensorValueType>().map_err(|err| fail(err.to_string()))?;
+        let shape: Vec<i64> = tensor.shape().iter().copied().collect();
         let size = tensor.size().unwrap_or(0);
         let pointer = tensor.data_ptr().cast::<u8>();
-        if size > 0 && !pointer.is_null() {
+        let bytes: &[u8] = if size > 0 && !pointer.is_null() {
             // SAFETY: a CPU tensor's buffer holds `size` bytes and lives as long as `outputs`.
-            visit(&spec.name, unsafe { std::slice::from_raw_parts(pointer, size) });
-        }
+            unsafe { std::slice::from_raw_parts(pointer, size) }
+        } else {
+            &[]
+        };
+        visit(spec, &shape, bytes);
     }
     Ok(())
 }

@@ -26,8 +26,8 @@ pub mod tensor;
 pub use datatype::DataType;
 pub use environment::{OrtSetupError, load_environment};
 pub use error::RuntimeError;
-pub use execute::{RunTimings, execute, execute_timed, execute_visit, warmup_request};
-pub use session::{ModelSource, SessionConfig, open_internal_session, open_session};
+pub use execute::{RunTimings, execute, execute_timed, execute_visit, execute_visit_tensors, warmup_request};
+pub use session::{ModelSource, SessionConfig, open_internal_session, open_internal_session_with, open_session};
 pub use signature::{ModelSignature, TensorSpec, signature_of};
 pub use tensor::{InferenceRequest, InputTensor, OutputTensor, TensorData};
 

@@ -27,12 +27,19 @@ pub struct SessionConfig {
     pub intra_op_threads: u32,
     /// Let idle intra-op threads spin (ONNX Runtime's default) instead of sleeping.
     pub intra_op_spinning: bool,
+    /// Keep ONNX Runtime's CPU memory arena (its default): fast reuse across runs, but the
+    /// arena keeps its peak for the session's life. Calibration, which holds several sessions
+    /// of one model at once, turns it off so each run hands its memory back.
+    pub cpu_memory_arena: bool,
 }
 
 impl SessionConfig {
     /// For internal work (calibration, drift checks, the budget search, analysis): ONNX
     /// Runtime picks the threads, idle threads sleep.
-    pub const INTERNAL: SessionConfig = SessionConfig { intra_op_threads: 0, intra_op_spinning: false };
+    pub const INTERNAL: SessionConfig =
+        SessionConfig { intra_op_threads: 0, intra_op_spinning: false, cpu_memory_arena: true };
+    /// [`Self::INTERNAL`] without the memory arena.
+    pub const INTERNAL_WITHOUT_ARENA: SessionConfig = SessionConfig { cpu_memory_arena: false, ..Self::INTERNAL };
 }
 
 pub fn open_session(
@@ -53,6 +60,11 @@ pub fn open_session(
     builder = builder
         .with_intra_op_spinning(config.intra_op_spinning)
         .map_err(|err| RuntimeError::Session(err.to_string()))?;
+    if !config.cpu_memory_arena {
+        builder = builder
+            .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
+            .map_err(|err| RuntimeError::Session(err.to_string()))?;
+    }
     match model {
         ModelSource::File(path) => builder.commit_from_file(path).map_err(describe),
         ModelSource::Memory(bytes) => builder.commit_from_memory(bytes).map_err(describe),
@@ -65,8 +77,17 @@ pub fn open_internal_session(
     environment: &Environment,
     model: &ModelProto,
 ) -> Result<(Session, ModelSignature), RuntimeError> {
+    open_internal_session_with(environment, model, SessionConfig::INTERNAL)
+}
+
+/// [`open_internal_session`] with other session options.
+pub fn open_internal_session_with(
+    environment: &Environment,
+    model: &ModelProto,
+    config: SessionConfig,
+) -> Result<(Session, ModelSignature), RuntimeError> {
     let source = ModelSource::Memory(mantissa_quantize::to_bytes(model).into());
-    let session = open_session(environment, &source, SessionConfig::INTERNAL)?;
+    let session = open_session(environment, &source, config)?;
     let signature = signature_of(&session, Some(0), 0)?;
     Ok((session, signature))
 }

@@ -490,3 +490,31 @@ mod deserialize {
         assert!(parse(&[("method", V::S("MinMax"))]).is_err());
     }
 }
+
+#[test]
+fn min_max_only_statistics_keep_the_counters_and_the_observed_range() {
+    let values: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 - 50.0).collect();
+    let mut with_non_finite = values.clone();
+    with_non_finite.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0]);
+    for batch in [values, with_non_finite] {
+        let mut full = TensorStatistics::new(DEFAULT_BINS);
+        let mut light = TensorStatistics::min_max_only();
+        for chunk in batch.chunks(333) {
+            full.observe(chunk);
+            light.observe(chunk);
+        }
+        assert_eq!((light.min(), light.max()), (full.min(), full.max()));
+        assert_eq!(
+            (light.count(), light.nan_count(), light.zero_count()),
+            (full.count(), full.nan_count(), full.zero_count())
+        );
+        assert_eq!(light.infinity_count(), full.infinity_count());
+        assert_eq!(light.range(CalibrationMethod::MinMax), full.range(CalibrationMethod::MinMax));
+        assert_eq!(
+            light.range(CalibrationMethod::Entropy),
+            (-50.0, 50.0),
+            "without histograms every method reads [min, max]"
+        );
+        assert!(light.positive_histogram().is_empty());
+    }
+}

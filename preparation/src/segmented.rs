@@ -1,0 +1,172 @@
+//! Observing many tensors of a model on a sample in one pass over its graph, through
+//! consecutive segments (see [`mantissa_quantize::split`]).
+//!
+//! ONNX Runtime keeps every declared output of a run alive until the run ends, so a session
+//! that declares all of a detector's activations as outputs holds gigabytes. Declaring a
+//! memory-budget's worth per session and re-running the whole model for each group costs one
+//! pass over the samples per group. Here each group becomes a segment of the graph instead:
+//! the segment's session declares its group's tensors and the tensors later segments read, and
+//! the sample flows from one segment to the next. A sample costs about one inference however
+//! many groups there are, and a run holds only its own segment's outputs.
+//!
+//! Segments are cut while the first sample runs: each is sized from the largest tensor seen
+//! so far, as the grouped observation sized its groups, and then reused for every sample.
+
+use std::collections::{HashMap, HashSet};
+
+use mantissa_quantize::onnx::ModelProto;
+use mantissa_quantize::split::Splitter;
+use mantissa_runtime::{
+    Environment, InferenceRequest, InputTensor, ModelSignature, Session, SessionConfig, TensorData,
+    execute_visit_tensors, open_internal_session_with,
+};
+
+use crate::error::PrepareError;
+
+/// One segment's session, and the position in the graph's order where the next one starts.
+struct OpenSegment {
+    session: Session,
+    signature: ModelSignature,
+    end: usize,
+}
+
+/// Runs samples through the segments of one model, handing every wanted tensor to a visitor.
+pub(crate) struct SegmentedObserver<'m> {
+    environment: &'m Environment,
+    splitter: Splitter<'m>,
+    /// Wanted tensors that are graph inputs: read from the sample itself.
+    wanted_inputs: Vec<String>,
+    /// Wanted tensors that nodes produce, in the order their producers run.
+    produced: Vec<String>,
+    wanted: HashSet<String>,
+    /// For each value, the last position (in the graph's order) of a node reading it.
+    last_read: HashMap<String, usize>,
+    segments: Vec<OpenSegment>,
+    /// Bytes the declared outputs of one segment may hold together.
+    budget: usize,
+    /// The largest output seen so far, which sizes the next segment.
+    largest: usize,
+}
+
+impl<'m> SegmentedObserver<'m> {
+    /// `inputs`: the model's graph inputs (the sample's tensors).
+    pub(crate) fn new(
+        environment: &'m Environment,
+        model: &'m ModelProto,
+        wanted: &[String],
+        inputs: &[String],
+        budget: usize,
+    ) -> Result<Self, PrepareError> {
+        let (wanted_inputs, mut produced): (Vec<String>, Vec<String>) =
+            wanted.iter().cloned().partition(|tensor| inputs.contains(tensor));
+        let splitter = Splitter::new(model, &produced).map_err(|err| PrepareError::Observation(err.to_string()))?;
+        produced.sort_by_key(|tensor| splitter.position(tensor));
+        let last_read = splitter.last_reads();
+        Ok(Self {
+            environment,
+            splitter,
+            wanted_inputs,
+            produced,
+            wanted: wanted.iter().cloned().collect(),
+            last_read,
+            segments: Vec::new(),
+            budget,
+            largest: 0,
+        })
+    }
+
+    /// How many segments the model has been cut into so far.
+    pub(crate) fn segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Cuts and opens the segment starting at `start`, or returns `None` when no wanted tensor
+    /// is produced from there on.
+    fn open_next(&mut self, start: usize) -> Result<Option<()>, PrepareError> {
+        let remaining: Vec<String> = self
+            .produced
+            .iter()
+            .filter(|tensor| self.splitter.position(tensor).is_some_and(|at| at >= start))
+            .cloned()
+            .collect();
+        if remaining.is_empty() {
+            return Ok(None);
+        }
+        // The first segment holds one tensor: nothing has been measured yet.
+        let take = self.budget.checked_div(self.largest).map_or(1, |n| n.max(1));
+        let (segment, end) = self
+            .splitter
+            .segment(start, &remaining[..take.min(remaining.len())])
+            .map_err(|err| PrepareError::Observation(err.to_string()))?;
+        let (session, signature) =
+            open_internal_session_with(self.environment, &segment.model, SessionConfig::INTERNAL_WITHOUT_ARENA)?;
+        self.segments.push(OpenSegment { session, signature, end });
+        Ok(Some(()))
+    }
+
+    /// Runs one sample (its inputs in `input_signature`'s order) through every segment, cutting
+    /// new segments as the first sample reaches them, and hands each wanted tensor's
+    /// little-endian bytes to `visit`.
+    pub(crate) fn observe(
+        &mut self,
+        input_signature: &ModelSignature,
+        sample: InferenceRequest,
+        visit: &mut impl FnMut(&str, &[u8]),
+    ) -> Result<(), PrepareError> {
+        let mut live: HashMap<String, InputTensor> =
+            input_signature.inputs.iter().map(|spec| spec.name.clone()).zip(sample.inputs).collect();
+        for name in &self.wanted_inputs {
+            if let Some(InputTensor { data: TensorData::Raw(bytes), .. }) = live.get(name) {
+                visit(name, bytes);
+            }
+        }
+        let mut start = 0;
+        for index in 0.. {
+            if index == self.segments.len() && self.open_next(start)?.is_none() {
+                break;
+            }
+            let segment = &mut self.segments[index];
+            let inputs = segment
+                .signature
+                .inputs
+                .iter()
+                .map(|spec| {
+                    live.get(&spec.name).cloned().ok_or_else(|| {
+                        PrepareError::Observation(format!(
+                            "segment {index} reads '{}', which nothing computed",
+                            spec.name
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let request = InferenceRequest {
+                id: sample.id.clone(),
+                inputs,
+                outputs: (0..segment.signature.outputs.len()).collect(),
+            };
+            let end = segment.end;
+            let mut handed_on = Vec::new();
+            let mut largest = self.largest;
+            execute_visit_tensors(&mut segment.session, &segment.signature, &request, |spec, shape, bytes| {
+                largest = largest.max(bytes.len());
+                if self.wanted.contains(&spec.name) {
+                    visit(&spec.name, bytes);
+                }
+                if self.last_read.get(&spec.name).is_some_and(|&at| at >= end) {
+                    let tensor = InputTensor {
+                        datatype: spec.datatype,
+                        shape: shape.to_vec(),
+                        data: TensorData::Raw(bytes.to_vec()),
+                    };
+                    handed_on.push((spec.name.clone(), tensor));
+                }
+            })
+            .map_err(|source| PrepareError::Sample { path: sample.id.clone(), source })?;
+            self.largest = largest;
+            live.retain(|name, _| self.last_read.get(name).is_some_and(|&at| at >= end));
+            live.extend(handed_on);
+            start = end;
+        }
+        Ok(())
+    }
+}
