@@ -266,6 +266,7 @@ fn budget_from_flags(args: &QuantizeArgs) -> Result<DriftBudget, QuantizeError> 
     let budget = DriftBudget {
         min_cosine: args.budget_cosine,
         min_top1_agreement: args.budget_top1,
+        parts: Default::default(),
         max_fp32_fraction: args.budget_max_fp32_fraction,
         search_time_limit: args.budget_time_limit,
     };
