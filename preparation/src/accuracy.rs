@@ -37,9 +37,16 @@ pub struct DriftFigures {
     pub top1_agreement: Option<f64>,
 }
 
-/// The index of the largest of `len` values `stride` apart starting at `start`.
+/// The index of the largest of `len` values `stride` apart starting at `start`; the first of
+/// equal largest values, as NumPy's and PyTorch's argmax choose (quantized outputs tie often).
 fn argmax(values: &[f32], start: usize, len: usize, stride: usize) -> usize {
-    (0..len).map(|i| values[start + i * stride]).enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).map_or(0, |(i, _)| i)
+    let mut best = 0;
+    for i in 1..len {
+        if values[start + i * stride].total_cmp(&values[start + best * stride]).is_gt() {
+            best = i;
+        }
+    }
+    best
 }
 
 impl DriftAccumulator {
@@ -386,8 +393,8 @@ mod tests {
     #[test]
     fn top1_over_all_of_a_part_and_the_tightest_threshold() {
         let (reference, _) = flipped_scores();
-        // The best (class, anchor) of the reference is class 1 anchor 3 (0.9; ties go to the
-        // later element). The variant raises class 0 anchor 2 from 0.8 to 0.95 above it.
+        // The best (class, anchor) of the reference is class 0 anchor 0 (0.9, tied with class 1
+        // anchor 3; ties go to the first). The variant raises class 0 anchor 2 from 0.8 to 0.95.
         let mut values = reference.floats();
         values[18] = 0.95;
         let variant = OutputTensor { raw: values.iter().flat_map(|v| v.to_le_bytes()).collect(), ..reference.clone() };
@@ -425,7 +432,8 @@ mod tests {
         parts.insert("scores".to_owned(), PartBudget { min_cosine: Some(0.9), ..part(Some("[:, 4:]")) });
         let mut tally = DriftTally::default();
         let measures = Measures { class_outputs: &[], parts: Some(&parts) };
-        let err = tally.add_pair(&[reference.clone()], &[variant.clone()], measures).unwrap_err();
+        let err =
+            tally.add_pair(std::slice::from_ref(&reference), std::slice::from_ref(&variant), measures).unwrap_err();
         assert!(matches!(err, PartError::Rank { entries: 2, rank: 3, .. }), "{err}");
         parts.insert("output0".to_owned(), PartBudget { min_cosine: Some(0.9), ..part(Some("[:, 4:, :]")) });
         let measures = Measures { class_outputs: &[], parts: Some(&parts) };

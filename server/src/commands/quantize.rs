@@ -320,7 +320,7 @@ fn run_int8(args: &QuantizeArgs, model: &mut ModelProto) -> Result<Summary, Quan
         None => quantize_dynamic(model, &options).map(plain_outcome).map_err(|err| err.to_string()),
     }
     .map_err(|err| QuantizeError::pass(&args.model, err))?;
-    Ok(Summary::Int8(outcome.report, options.mode, outcome.search, memory_peaks))
+    Ok(Summary::Int8(outcome.report, options.mode, outcome.search.map(Box::new), memory_peaks))
 }
 
 fn plain_outcome(report: Int8Report) -> Int8Outcome {
@@ -349,7 +349,7 @@ enum Summary {
     Fp16(Fp16Report),
     /// The report, the mode, the budget search, and the peak resident bytes of FP32 inference
     /// on one calibration sample and of the static pass (calibration included).
-    Int8(Int8Report, Int8Mode, Option<SearchReport>, Option<(u64, u64)>),
+    Int8(Int8Report, Int8Mode, Option<Box<SearchReport>>, Option<(u64, u64)>),
 }
 
 fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Duration) {
