@@ -55,8 +55,8 @@ fn split_at_axis(shape: &[i64], axis: usize) -> (usize, usize, usize) {
     (outer, dim(&shape[axis]), inner)
 }
 
-/// Range width of each channel along `axis`.
-fn channel_widths(shape: &[i64], values: &[f32], axis: usize) -> Vec<f64> {
+/// Lowest and highest finite value of each channel along `axis` (infinite bounds: none seen).
+fn channel_bounds(shape: &[i64], values: &[f32], axis: usize) -> Vec<(f64, f64)> {
     let (_, channels, inner) = split_at_axis(shape, axis);
     let mut bounds = vec![(f64::INFINITY, f64::NEG_INFINITY); channels];
     for block in values.chunks_exact(channels * inner) {
@@ -68,7 +68,11 @@ fn channel_widths(shape: &[i64], values: &[f32], axis: usize) -> Vec<f64> {
             }
         }
     }
-    bounds.into_iter().map(|(lo, hi)| if hi >= lo { hi - lo } else { 0.0 }).collect()
+    bounds
+}
+
+fn width((lo, hi): (f64, f64)) -> f64 {
+    if hi >= lo { hi - lo } else { 0.0 }
 }
 
 /// The boundary between two contiguous runs of channels whose typical widths (geometric
@@ -116,25 +120,77 @@ fn split_runs(widths: &[f64], start: usize, end: usize, runs: &mut Vec<(usize, u
     }
 }
 
+/// Channel ranges of one output gathered over many samples, for parts found on all of them
+/// (`mantissa analyze` streams its data); [`find_parts`] is the one-sample case.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PartFinder {
+    /// Each candidate axis (2..=256 channels) with its channels' bounds so far; an axis whose
+    /// size changes between samples is dropped.
+    axes: Vec<(usize, Vec<(f64, f64)>)>,
+    seen: bool,
+    rank: usize,
+}
+
+impl PartFinder {
+    /// Adds one tensor of the output.
+    pub fn observe(&mut self, shape: &[i64], values: &[f32]) {
+        let total: i64 = shape.iter().product();
+        if shape.len() < 2 || total <= 0 || total as usize != values.len() {
+            return;
+        }
+        if !self.seen {
+            self.seen = true;
+            self.rank = shape.len();
+            self.axes = (1..shape.len())
+                .filter(|&axis| (2..=MAX_CHANNELS).contains(&shape[axis]))
+                .map(|axis| (axis, channel_bounds(shape, values, axis)))
+                .collect();
+            return;
+        }
+        self.axes.retain_mut(|(axis, bounds)| {
+            if shape.len() <= *axis || shape[*axis] as usize != bounds.len() {
+                return false;
+            }
+            for (merged, (lo, hi)) in bounds.iter_mut().zip(channel_bounds(shape, values, *axis)) {
+                *merged = (merged.0.min(lo), merged.1.max(hi));
+            }
+            true
+        });
+    }
+
+    /// The rank of the output (0 before any tensor was observed), for part labels.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The parts along the first axis whose channels split, with each part's range width
+    /// (highest minus lowest value over its channels); empty when the channels share one scale.
+    pub fn parts(&self) -> Vec<(OutputPart, f64)> {
+        for (axis, bounds) in &self.axes {
+            let widths: Vec<f64> = bounds.iter().copied().map(width).collect();
+            let mut runs = Vec::new();
+            split_runs(&widths, 0, widths.len(), &mut runs);
+            if runs.len() > 1 {
+                return runs
+                    .into_iter()
+                    .map(|(start, end)| {
+                        let lo = bounds[start..end].iter().map(|b| b.0).fold(f64::INFINITY, f64::min);
+                        let hi = bounds[start..end].iter().map(|b| b.1).fold(f64::NEG_INFINITY, f64::max);
+                        (OutputPart { axis: *axis, start, end }, width((lo, hi)))
+                    })
+                    .collect();
+            }
+        }
+        Vec::new()
+    }
+}
+
 /// The parts of an output of `shape` (as the reference `values` show them); empty when its
 /// channels share one scale.
 pub fn find_parts(shape: &[i64], values: &[f32]) -> Vec<OutputPart> {
-    let total: i64 = shape.iter().product();
-    if shape.len() < 2 || total <= 0 || total as usize != values.len() {
-        return Vec::new();
-    }
-    for axis in 1..shape.len() {
-        if !(2..=MAX_CHANNELS).contains(&shape[axis]) {
-            continue;
-        }
-        let widths = channel_widths(shape, values, axis);
-        let mut runs = Vec::new();
-        split_runs(&widths, 0, widths.len(), &mut runs);
-        if runs.len() > 1 {
-            return runs.into_iter().map(|(start, end)| OutputPart { axis, start, end }).collect();
-        }
-    }
-    Vec::new()
+    let mut finder = PartFinder::default();
+    finder.observe(shape, values);
+    finder.parts().into_iter().map(|(part, _)| part).collect()
 }
 
 #[cfg(test)]
@@ -189,5 +245,20 @@ mod tests {
         let parts = find_parts(&shape, &values);
         let ranges: Vec<(usize, usize)> = parts.iter().map(|p| (p.start, p.end)).collect();
         assert_eq!(ranges, [(0, 4), (4, 12)]);
+    }
+
+    #[test]
+    fn parts_found_over_several_samples_merge_their_ranges() {
+        let (shape, first) = detection_head();
+        // A second sample whose box rows span less and score rows more: still two parts.
+        let second: Vec<f32> = first.iter().enumerate().map(|(i, v)| if i < 20 { v * 0.5 } else { v + 0.4 }).collect();
+        let mut finder = PartFinder::default();
+        finder.observe(&shape, &first);
+        finder.observe(&shape, &second);
+        let parts = finder.parts();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[1].0, OutputPart { axis: 1, start: 4, end: 6 });
+        assert!((parts[1].1 - 1.2).abs() < 1e-6, "{parts:?}");
+        assert!((parts[0].1 - 243.0).abs() < 1e-4, "{parts:?}");
     }
 }

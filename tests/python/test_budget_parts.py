@@ -6,6 +6,7 @@ near 1, while which (anchor, class) scores best changes: only a named part with 
 `min_top1_agreement` (top1_axis: all) sees it. Figures the server reports are checked
 against a recomputation with onnxruntime."""
 
+import json
 import os
 import re
 import subprocess
@@ -228,3 +229,28 @@ def test_a_bad_budget_parts_file_names_file_line_and_key(tmp_path):
                       "--budget-parts", str(parts))
     assert result.returncode != 0
     assert "part 'scores': slice [:,4:] has 2 entries, but output 'output0' has rank 3" in result.stderr, result.stderr
+
+
+def test_analyze_lists_the_outputs_measured_by_parts(tmp_path):
+    """`mantissa analyze` finds the same parts on the FP32 outputs (boxes and scores of output0),
+    with each part's channels and range width, and suggests naming them in drift.budget.parts."""
+    detection_head(tmp_path)
+    env = dict(os.environ, ORT_DYLIB_PATH=str(ORT_LIB), RUST_BACKTRACE="0")
+    args = [str(BIN), "analyze", str(tmp_path / "model.onnx"), "--data", str(tmp_path / "holdout")]
+    result = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    section = json.loads(result.stdout)["output_parts"]
+    assert section["flagged"] == 1 and "drift.budget.parts" in section["suggestion"], section
+    (output,) = section["items"]
+    assert (output["output"], output["axis"]) == ("output0", 1), output
+    assert [(p["label"], p["start"], p["end"]) for p in output["parts"]] == [
+        ("output0[:,0:4,:]", 0, 4), (f"output0[:,4:{4 + CLASSES},:]", 4, 4 + CLASSES)]
+    reference = run(tmp_path / "model.onnx", holdout(tmp_path))
+    for part, rows in zip(output["parts"], (reference[:, :4, :], reference[:, 4:, :])):
+        assert abs(part["width"] - float(rows.max() - rows.min())) <= 1e-3 * max(1.0, part["width"]), part
+    assert abs(output["ratio"] - output["parts"][0]["width"] / output["parts"][1]["width"]) < 1e-6 * output["ratio"]
+
+    table = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert table.returncode == 0, table.stderr
+    assert "Outputs measured by parts (1 flagged)" in table.stdout, table.stdout
+    assert re.search(r"output0\s+output0\[:,0:4,:\]\s+1: 0\.\.4", table.stdout), table.stdout
