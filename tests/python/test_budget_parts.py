@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -254,3 +255,44 @@ def test_analyze_lists_the_outputs_measured_by_parts(tmp_path):
     assert table.returncode == 0, table.stderr
     assert "Outputs measured by parts (1 flagged)" in table.stdout, table.stdout
     assert re.search(r"output0\s+output0\[:,0:4,:\]\s+1: 0\.\.4", table.stdout), table.stdout
+
+
+def metric_value(text: str, name: str, **labels) -> float | None:
+    """The value of the one sample of `name` whose labels include `labels`, if there is one."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{key}="{value}"' in line for key, value in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_the_shadow_comparison_measures_the_named_parts(tmp_path, start_mantissa):
+    """Live shadow drift uses the policy's parts: each sampled request gives one observation
+    for `scores` and `boxes`, and none for automatic labels of output0."""
+    model_dir = tmp_path / "store" / "head"
+    detection_head(model_dir)
+    (model_dir / "policy.yaml").write_text(policy("serve_flagged") + "shadow:\n  reference: fp32\n  sample_rate: 1\n")
+    plain = tmp_path / "plain.onnx"
+    assert quantize(model_dir, plain).returncode == 0
+    server = start_mantissa(tmp_path / "store")
+    x = holdout(model_dir)
+    requests = [x[i:i + 4] for i in range(0, 24, 4)]
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    for rows in requests:
+        request = grpcclient.InferInput("x", list(rows.shape), "FP32")
+        request.set_data_from_numpy(rows)
+        client.infer("head", [request], model_version="int8")
+    labels = {"model": "head", "variant": "int8", "output": "scores"}
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        if metric_value(metrics, "mantissa_shadow_drift_cosine_count", **labels) == len(requests):
+            break
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.1)
+    expected = sum(figures(run(model_dir / "model.onnx", rows)[:, 4:, :], run(plain, rows)[:, 4:, :])["cosine"]
+                   for rows in requests)
+    assert abs(metric_value(metrics, "mantissa_shadow_drift_cosine_sum", **labels) - expected) <= 1e-4 * len(requests)
+    assert metric_value(metrics, "mantissa_shadow_drift_cosine_count", model="head", variant="int8",
+                        output="boxes") == len(requests)
+    assert 'output="output0[' not in metrics, metrics
