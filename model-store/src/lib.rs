@@ -12,7 +12,7 @@ mod yaml_location;
 
 pub use duration::parse_duration;
 pub use policy::{
-    BudgetMiss, DriftBudget, DriftSettings, Policy, PolicyError, Precision, ServingSettings, ShadowSettings, Split,
-    VariantSpec,
+    BudgetMiss, DriftBudget, DriftSettings, PartBudget, PartSlice, Policy, PolicyError, Precision, ServingSettings,
+    ShadowSettings, Split, Top1Axis, VariantSpec, load_budget_parts, parse_budget_parts,
 };
 pub use repository::{ModelEntry, RepositoryError, scan_repository};

@@ -24,30 +24,27 @@
 //! names, bounds, missing directories) and finds the line from the key path. `types` holds
 //! the typed result and depends on neither stage.
 
+mod part_slice;
 mod raw;
 #[cfg(test)]
 mod tests;
 mod types;
 mod validate;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
+pub use part_slice::PartSlice;
 pub use types::{
-    BudgetMiss, DriftBudget, DriftSettings, Policy, PolicyError, Precision, ServingSettings, ShadowSettings, Split,
-    VariantSpec,
+    BudgetMiss, DriftBudget, DriftSettings, PartBudget, Policy, PolicyError, Precision, ServingSettings,
+    ShadowSettings, Split, Top1Axis, VariantSpec,
 };
 
 // Loading is implemented here rather than beside the type because it runs both stages, and
 // both stages already depend on `types`.
 impl Policy {
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|err| PolicyError {
-            file: path.to_owned(),
-            line: None,
-            key: String::new(),
-            message: format!("cannot read policy: {err}"),
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&read(path, "policy")?, path)
     }
 
     /// Parses and validates policy text; `path` is used in error messages.
@@ -55,4 +52,25 @@ impl Policy {
         let raw = raw::parse(text, path)?;
         validate::validate(raw, text, path)
     }
+}
+
+fn read(path: &Path, what: &str) -> Result<String, PolicyError> {
+    std::fs::read_to_string(path).map_err(|err| PolicyError {
+        file: path.to_owned(),
+        line: None,
+        key: String::new(),
+        message: format!("cannot read {what}: {err}"),
+    })
+}
+
+/// Reads a file holding what `drift.budget.parts` holds in a policy (part name -> spec), as
+/// `mantissa quantize --budget-parts` takes it; errors name the file, line and key.
+pub fn load_budget_parts(path: &Path) -> Result<BTreeMap<String, PartBudget>, PolicyError> {
+    parse_budget_parts(&read(path, "budget parts")?, path)
+}
+
+/// Parses and validates the text of a budget-parts file; `path` is used in error messages.
+pub fn parse_budget_parts(text: &str, path: &Path) -> Result<BTreeMap<String, PartBudget>, PolicyError> {
+    let raw: raw::RawParts = raw::parse(text, path)?;
+    validate::validate_parts_file(&raw, text, path)
 }

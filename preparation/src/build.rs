@@ -119,6 +119,7 @@ fn build_int8(
             evaluations: searched.evaluations,
             search_ms: searched.elapsed.as_millis() as u64,
             time_limited: searched.time_limited,
+            tightest: searched.tightest,
         }),
         budget_fallback: outcome.fallback,
         notes: report.notes,

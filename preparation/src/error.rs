@@ -8,6 +8,8 @@ use mantissa_quantize::passes::fp16::Fp16Error;
 use mantissa_quantize::passes::int8::Int8Error;
 use mantissa_runtime::RuntimeError;
 
+use crate::named_parts::PartError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     /// The model file (or an external-data file) cannot be read or parsed.
@@ -44,6 +46,9 @@ pub enum PrepareError {
         .elapsed.as_secs_f64()
     )]
     SearchTimeLimit { limit: Duration, elapsed: Duration, evaluations: usize, reached: String },
+    /// A named part of the drift budget does not fit the model's outputs.
+    #[error("drift budget: {0}")]
+    Part(#[from] PartError),
     #[error("cache key: {0}")]
     CacheKey(std::io::Error),
 }

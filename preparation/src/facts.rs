@@ -99,6 +99,9 @@ pub struct SearchFacts {
     /// The time limit stopped the search after a configuration met the budget.
     #[serde(default)]
     pub time_limited: bool,
+    /// The threshold with the least room left at the end, naming its output or part.
+    #[serde(default)]
+    pub tightest: Option<String>,
 }
 
 /// Why a variant with a drift budget serves the plain recipe.

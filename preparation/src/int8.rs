@@ -29,8 +29,7 @@ pub struct Int8Job<'a> {
 pub fn budget_for<'a>(entry: &'a ModelEntry, spec: &VariantSpec) -> Option<BudgetSearch<'a>> {
     let drift = entry.policy.drift.as_ref()?;
     let is_static = spec.int8.as_ref().is_some_and(|o| o.mode == Int8Mode::Static);
-    let has_budget = drift.budget.min_cosine.is_some() || drift.budget.min_top1_agreement.is_some();
-    (is_static && has_budget && spec.name != drift.reference).then_some(BudgetSearch {
+    (is_static && drift.budget.has_thresholds() && spec.name != drift.reference).then_some(BudgetSearch {
         holdout: &drift.holdout_data,
         class_outputs: &drift.class_outputs,
         budget: &drift.budget,

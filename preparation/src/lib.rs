@@ -8,10 +8,11 @@
 //! - [`search`]: the accuracy-budget search that keeps the most sensitive nodes FP32, ranking
 //!   them by [`sensitivity`] (local SQNR from instrumented runs) and searching how many to keep
 //!   with [`prefix_search`] (galloping and bisection, free of models so it is tested alone);
-//! - [`accuracy`]: the one comparison loop and budget check, shared with the server's startup
-//!   drift check and live shadow comparison;
+//! - [`accuracy`]: the one comparison loop, shared with the server's startup drift check and
+//!   live shadow comparison, and [`budget_check`], whether its report meets a budget;
 //! - [`output_parts`]: the parts of an output whose channels live on different scales (a
-//!   detection head's boxes and scores), which the comparison measures on their own;
+//!   detection head's boxes and scores), which the comparison measures on their own, and
+//!   [`named_parts`], the parts a policy names with thresholds of their own;
 //! - [`cache`] and [`cached`]: the content-addressed artifact cache and building through it;
 //! - [`facts`]: typed facts about how a variant was built;
 //! - [`error`]: the one error type, [`PrepareError`].
@@ -20,6 +21,7 @@
 //! passes (the server's workers); nothing here knows about gRPC or serving workers.
 
 pub mod accuracy;
+pub mod budget_check;
 pub mod build;
 pub mod cache;
 pub mod cached;
@@ -27,6 +29,7 @@ pub mod calibrate;
 pub mod error;
 pub mod facts;
 pub mod int8;
+pub mod named_parts;
 pub mod output_parts;
 pub mod prefix_search;
 pub mod search;

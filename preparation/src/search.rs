@@ -26,7 +26,7 @@ use mantissa_quantize::passes::int8::{Ranges, quantize_static};
 use mantissa_runtime::samples::{load_sample, sample_files};
 use mantissa_runtime::{Environment, InferenceRequest, OutputTensor, execute, open_internal_session};
 
-use crate::accuracy::{DriftReport, compare_runs};
+use crate::accuracy::{DriftReport, Measures, compare_runs};
 use crate::calibrate::group_budget_bytes;
 use crate::error::PrepareError;
 use crate::prefix_search::{PrefixSearch, Probe, smallest_meeting_prefix};
@@ -75,6 +75,8 @@ pub struct SearchReport {
     pub candidates: usize,
     /// Worst cosine over outputs, and worst top-1 agreement over class outputs, at the end.
     pub cosine: f64,
+    /// The threshold with the least room left at the end, naming its output or part.
+    pub tightest: Option<String>,
     pub top1_agreement: Option<f64>,
     /// Same figures for the plain recipe.
     pub initial_cosine: f64,
@@ -95,7 +97,7 @@ struct Evaluator<'a> {
     environment: &'a Environment,
     samples: Vec<InferenceRequest>,
     reference: Vec<Vec<OutputTensor>>,
-    class_outputs: &'a [String],
+    measures: Measures<'a>,
 }
 
 impl<'a> Evaluator<'a> {
@@ -103,7 +105,7 @@ impl<'a> Evaluator<'a> {
         environment: &'a Environment,
         fp32: &ModelProto,
         holdout: &Path,
-        class_outputs: &'a [String],
+        measures: Measures<'a>,
     ) -> Result<Self, PrepareError> {
         let (mut session, signature) = open_internal_session(environment, fp32)?;
         let mut samples = Vec::new();
@@ -117,14 +119,14 @@ impl<'a> Evaluator<'a> {
             );
             samples.push(request);
         }
-        Ok(Self { environment, samples, reference, class_outputs })
+        Ok(Self { environment, samples, reference, measures })
     }
 
     fn score(&self, model: &ModelProto) -> Result<DriftReport, PrepareError> {
         let (mut session, signature) = open_internal_session(self.environment, model)?;
         compare_runs(
             &self.samples,
-            self.class_outputs,
+            self.measures,
             |index, _| Ok(Cow::Borrowed(self.reference[index].as_slice())),
             |_, sample| execute(&mut session, &signature, sample).map_err(PrepareError::from),
         )
@@ -132,16 +134,31 @@ impl<'a> Evaluator<'a> {
 }
 
 /// One evaluated configuration: the `k` most sensitive nodes kept FP32.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 struct Reached {
     k: usize,
     cosine: f64,
     top1: Option<f64>,
+    /// The first threshold it missed, naming the output or part that limited it.
+    miss: Option<String>,
+    /// The threshold with the least room left.
+    tightest: Option<String>,
 }
 
 impl Reached {
-    fn of(k: usize, report: &DriftReport) -> Self {
-        Self { k, cosine: report.worst_cosine(), top1: report.worst_top1() }
+    fn of(k: usize, report: &DriftReport, budget: &DriftBudget) -> Self {
+        Self {
+            k,
+            cosine: report.worst_cosine(),
+            top1: report.worst_top1(),
+            miss: report.budget_miss(budget),
+            tightest: report.tightest(budget).map(|tightest| tightest.to_string()),
+        }
+    }
+
+    /// The sentence naming what limited it, for failure messages.
+    fn limited_by(&self) -> String {
+        self.miss.as_ref().map(|miss| format!("; limited by {miss}")).unwrap_or_default()
     }
 
     /// Larger is better: the budget's own measures, cosine first.
@@ -230,11 +247,12 @@ pub fn search(
         evaluations: 0,
         evaluating: Duration::ZERO,
     };
-    let evaluator = Evaluator::new(environment, recipe.fp32, search.holdout, search.class_outputs)?;
+    let measures = Measures { class_outputs: search.class_outputs, parts: Some(&budget.parts) };
+    let evaluator = Evaluator::new(environment, recipe.fp32, search.holdout, measures)?;
     let evaluation_started = Instant::now();
     let (model, report) = recipe.quantize_keeping(&[])?;
     let initial = evaluator.score(&model)?;
-    let plain = Reached::of(0, &initial);
+    let plain = Reached::of(0, &initial, budget);
     let candidates = report.quantized.len();
     // The cap on nodes kept FP32 (rounded down; all candidates without a cap).
     let cap = budget
@@ -246,6 +264,7 @@ pub fn search(
         kept_fp32: Vec::new(),
         candidates,
         cosine: plain.cosine,
+        tightest: plain.tightest.clone(),
         top1_agreement: plain.top1,
         initial_cosine: plain.cosine,
         initial_top1_agreement: plain.top1,
@@ -267,7 +286,7 @@ pub fn search(
     }
     let ranked = rank(environment, recipe, &evaluator, &model, &report, search.holdout, &mut searched)?;
     drop(model);
-    let mut probed = Probed { met: None, best_miss: plain, last_miss: plain };
+    let mut probed = Probed { met: None, best_miss: plain.clone(), last_miss: plain };
     let outcome = smallest_meeting_prefix(cap, |probe: Probe| {
         probe_prefix(recipe, &evaluator, budget, &ranked, probe, &mut progress, &mut probed)
     });
@@ -289,6 +308,7 @@ pub fn search(
     searched.kept_fp32 = ranked[..reached.k].to_vec();
     searched.cosine = reached.cosine;
     searched.top1_agreement = reached.top1;
+    searched.tightest = reached.tightest.clone();
     if searched.time_limited {
         tracing::warn!(
             variant = label,
@@ -301,6 +321,7 @@ pub fn search(
         kept_fp32 = ?searched.kept_fp32,
         cosine = searched.cosine,
         top1 = ?searched.top1_agreement,
+        tightest = ?searched.tightest,
         evaluations = searched.evaluations,
         sensitivity_runs = searched.sensitivity_runs,
         elapsed_ms = searched.elapsed.as_millis() as u64,
@@ -357,14 +378,14 @@ fn probe_prefix(
     let started = Instant::now();
     let (candidate, candidate_report) = recipe.quantize_keeping(&ranked[..probe.k])?;
     let score = evaluator.score(&candidate)?;
-    let reached = Reached::of(probe.k, &score);
+    let reached = Reached::of(probe.k, &score, budget);
     let meets = score.meets(budget);
     progress.evaluated(started.elapsed(), &reached, meets, probe.left - 1);
     if meets {
         probed.met = Some((reached, candidate, candidate_report));
     } else {
         if reached.key() > probed.best_miss.key() {
-            probed.best_miss = reached;
+            probed.best_miss = reached.clone();
         }
         probed.last_miss = reached;
     }
@@ -378,8 +399,13 @@ fn timed_out(budget: &DriftBudget, progress: &Progress<'_>, best: &Reached, cand
         elapsed: progress.started.elapsed(),
         evaluations: progress.evaluations,
         reached: format!(
-            "the best configuration reached keeps {} of {candidates} quantized nodes in FP32: cosine {:.6}, top-1 agreement {:?}, short of the budget (min_cosine {:?}, min_top1_agreement {:?})",
-            best.k, best.cosine, best.top1, budget.min_cosine, budget.min_top1_agreement
+            "the best configuration reached keeps {} of {candidates} quantized nodes in FP32: cosine {:.6}, top-1 agreement {:?}, short of the budget (min_cosine {:?}, min_top1_agreement {:?}){}",
+            best.k,
+            best.cosine,
+            best.top1,
+            budget.min_cosine,
+            budget.min_top1_agreement,
+            best.limited_by()
         ),
     }
 }
@@ -387,7 +413,7 @@ fn timed_out(budget: &DriftBudget, progress: &Progress<'_>, best: &Reached, cand
 fn miss_message(budget: &DriftBudget, searched: &SearchReport, at_cap: &Reached, cap: usize) -> String {
     if cap < searched.candidates {
         return format!(
-            "the drift budget (min_cosine {:?}, min_top1_agreement {:?}) needs more than {cap} of {} quantized nodes in FP32 (max_fp32_fraction {}): with the {cap} most sensitive kept, cosine {:.6}, top-1 agreement {:?} (plain recipe: cosine {:.6}; {} evaluations)",
+            "the drift budget (min_cosine {:?}, min_top1_agreement {:?}) needs more than {cap} of {} quantized nodes in FP32 (max_fp32_fraction {}): with the {cap} most sensitive kept, cosine {:.6}, top-1 agreement {:?} (plain recipe: cosine {:.6}; {} evaluations){}",
             budget.min_cosine,
             budget.min_top1_agreement,
             searched.candidates,
@@ -395,17 +421,19 @@ fn miss_message(budget: &DriftBudget, searched: &SearchReport, at_cap: &Reached,
             at_cap.cosine,
             at_cap.top1,
             searched.initial_cosine,
-            searched.evaluations
+            searched.evaluations,
+            at_cap.limited_by()
         );
     }
     format!(
-        "the drift budget (min_cosine {:?}, min_top1_agreement {:?}) is missed even with all {} quantized nodes kept in FP32: cosine {:.6}, top-1 agreement {:?} (plain recipe: cosine {:.6}; {} evaluations)",
+        "the drift budget (min_cosine {:?}, min_top1_agreement {:?}) is missed even with all {} quantized nodes kept in FP32: cosine {:.6}, top-1 agreement {:?} (plain recipe: cosine {:.6}; {} evaluations){}",
         budget.min_cosine,
         budget.min_top1_agreement,
         searched.candidates,
         at_cap.cosine,
         at_cap.top1,
         searched.initial_cosine,
-        searched.evaluations
+        searched.evaluations,
+        at_cap.limited_by()
     )
 }

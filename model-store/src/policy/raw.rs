@@ -82,11 +82,30 @@ pub(super) struct RawBudget {
     pub(super) min_top1_agreement: Option<f64>,
     pub(super) max_fp32_fraction: Option<f64>,
     pub(super) search_time_limit: Option<String>,
+    #[serde(default)]
+    pub(super) parts: RawParts,
+}
+
+/// `drift.budget.parts`, and the whole of a `--budget-parts` file: part name -> spec.
+pub(super) type RawParts = BTreeMap<String, RawPart>;
+
+/// One named part as written; `slice` and `top1_axis` stay unparsed until validation, so their
+/// errors can say what is wrong rather than that no form matched.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPart {
+    pub(super) output: String,
+    pub(super) slice: Option<String>,
+    pub(super) min_cosine: Option<f64>,
+    pub(super) min_sqnr_db: Option<f64>,
+    pub(super) max_abs: Option<f64>,
+    pub(super) min_top1_agreement: Option<f64>,
+    pub(super) top1_axis: Option<serde_yaml::Value>,
 }
 
 /// Deserializes policy text, turning serde's error into a [`PolicyError`] whose key is the
 /// dotted path serde was at and whose line is where the YAML parser stopped.
-pub(super) fn parse(text: &str, path: &Path) -> Result<RawPolicy, PolicyError> {
+pub(super) fn parse<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, PolicyError> {
     let deserializer = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let key = err.path().to_string();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mantissa_quantize::passes::int8::Int8Mode;
 
-use super::{BudgetMiss, Policy, PolicyError, ServingSettings};
+use super::{BudgetMiss, DriftBudget, PartSlice, Policy, PolicyError, ServingSettings, Top1Axis, parse_budget_parts};
 
 fn parse(text: &str) -> Result<Policy, PolicyError> {
     Policy::parse(text, Path::new("store/m/policy.yaml"))
@@ -248,4 +248,120 @@ fn wrong_type_is_rejected() {
 fn multiple_variants_need_a_default() {
     let err = parse("variants:\n  a:\n    precision: fp32\n  b:\n    precision: fp32\n").unwrap_err();
     assert_eq!(err.key, "routing");
+}
+
+/// A policy with the drift section's budget followed by `parts`, and its parts' first line.
+fn with_parts(dir: &Path, parts: &str) -> Result<Policy, PolicyError> {
+    let base = "variants:\n  fp32:\n    precision: fp32\n  half:\n    precision: fp16\nrouting:\n  default: fp32\n";
+    let text = format!("{base}drift:\n  holdout_data: holdout\n  budget:\n    min_cosine: 0.99\n    parts:\n{parts}");
+    Policy::parse(&text, &dir.join("policy.yaml"))
+}
+
+#[test]
+fn budget_parts_are_parsed_with_their_thresholds() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("holdout")).unwrap();
+    let policy = with_parts(
+        dir.path(),
+        "      scores: {output: output0, slice: \"[:, 4:, :]\", min_cosine: 0.99, min_top1_agreement: 0.95, top1_axis: all}\n      boxes:\n        output: output0\n        slice: \"[:, :4, :]\"\n        min_cosine: 0.999\n        max_abs: 2.0\n      logits: {output: logits, min_sqnr_db: 20, min_top1_agreement: 0.9, top1_axis: -1}\n",
+    )
+    .unwrap();
+    let budget = policy.drift.unwrap().budget;
+    assert!(budget.has_thresholds());
+    let scores = &budget.parts["scores"];
+    assert_eq!(scores.output, "output0");
+    assert_eq!(scores.slice, Some(PartSlice { rank: 3, axis: 1, start: Some(4), end: None }));
+    assert_eq!((scores.min_top1_agreement, scores.top1_axis), (Some(0.95), Top1Axis::All));
+    let boxes = &budget.parts["boxes"];
+    assert_eq!((boxes.min_cosine, boxes.max_abs, boxes.top1_axis), (Some(0.999), Some(2.0), Top1Axis::Last));
+    assert_eq!(boxes.slice.unwrap().to_string(), "[:,:4,:]");
+    let logits = &budget.parts["logits"];
+    assert_eq!((logits.slice, logits.min_sqnr_db, logits.top1_axis), (None, Some(20.0), Top1Axis::Axis(-1)));
+    // The parts decide the artifact, so they are part of the cache key's serialization.
+    let key = serde_yaml::to_string(&budget).unwrap();
+    assert!(key.contains("scores:") && key.contains("min_sqnr_db: 20.0"), "{key}");
+    let without = serde_yaml::to_string(&DriftBudget { min_cosine: Some(0.99), ..Default::default() }).unwrap();
+    assert!(!without.contains("parts"), "{without}");
+}
+
+#[test]
+fn bad_budget_parts_name_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("holdout")).unwrap();
+    let file = dir.path().join("policy.yaml");
+    // (parts text, line, key, message excerpt); the parts start on line 13.
+    let cases = [
+        (
+            "      scores:\n        output: output0\n        slice: \"[:, 4]\"\n        min_cosine: 0.9\n",
+            15,
+            "drift.budget.parts.scores.slice",
+            "entry 1",
+        ),
+        (
+            "      scores: {output: output0, slice: \"[:, 4:, 1:]\", min_cosine: 0.9}\n",
+            13,
+            "drift.budget.parts.scores.slice",
+            "more than one axis",
+        ),
+        ("      scores:\n        output: output0\n", 13, "drift.budget.parts.scores", "sets no threshold"),
+        (
+            "      scores:\n        output: output0\n        min_top1_agreement: 1.5\n",
+            15,
+            "drift.budget.parts.scores.min_top1_agreement",
+            "[0, 1]",
+        ),
+        (
+            "      scores:\n        output: output0\n        max_abs: -1\n",
+            15,
+            "drift.budget.parts.scores.max_abs",
+            ">= 0",
+        ),
+        (
+            "      scores:\n        output: output0\n        min_cosine: 0.9\n        top1_axis: 1\n",
+            16,
+            "drift.budget.parts.scores.top1_axis",
+            "only applies with",
+        ),
+        (
+            "      scores:\n        output: output0\n        min_top1_agreement: 0.9\n        top1_axis: every\n",
+            16,
+            "drift.budget.parts.scores.top1_axis",
+            "integer axis or `all`",
+        ),
+        (
+            "      scores:\n        output: output0\n        min_cosin: 0.9\n",
+            15,
+            "drift.budget.parts.scores.min_cosin",
+            "unknown field `min_cosin`",
+        ),
+        (
+            "      \"bad name\":\n        output: output0\n        min_cosine: 0.9\n",
+            13,
+            "drift.budget.parts.bad name",
+            "part name",
+        ),
+    ];
+    for (parts, line, key, excerpt) in cases {
+        let err = with_parts(dir.path(), parts).unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(line), key), "{parts}: {err}");
+        assert!(err.message.contains(excerpt), "{parts}: {err}");
+        assert!(err.to_string().starts_with(&format!("{}:{line}: key `{key}", file.display())), "{err}");
+    }
+}
+
+#[test]
+fn a_budget_parts_file_holds_the_same_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("parts.yaml");
+    let parts =
+        parse_budget_parts("scores:\n  output: output0\n  slice: \"[:, 4:, :]\"\n  min_top1_agreement: 0.9\n", &path)
+            .unwrap();
+    assert_eq!(parts["scores"].slice.unwrap().axis, 1);
+    let err =
+        parse_budget_parts("scores:\n  output: output0\n  slice: \"4:\"\n  min_cosine: 0.9\n", &path).unwrap_err();
+    assert_eq!((err.line, err.key.as_str()), (Some(3), "scores.slice"), "{err}");
+    let err = parse_budget_parts("scores:\n  output: output0\n  colour: red\n", &path).unwrap_err();
+    assert_eq!((err.line, err.key.as_str()), (Some(3), "scores.colour"), "{err}");
+    std::fs::write(&path, "boxes: {output: y, max_abs: 0.5}\n").unwrap();
+    assert_eq!(super::load_budget_parts(&path).unwrap()["boxes"].max_abs, Some(0.5));
 }

@@ -4,6 +4,7 @@
 //! A few of them (`Precision`, `BudgetMiss`, `ShadowSettings`) are also read straight from
 //! YAML, because their YAML form is already their typed form.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,6 +12,8 @@ use std::time::Duration;
 use mantissa_quantize::passes::fp16::Fp16Options;
 use mantissa_quantize::passes::int8::Int8Options;
 use serde::{Deserialize, Serialize};
+
+use super::part_slice::PartSlice;
 
 /// A policy file that could not be read, parsed or validated.
 #[derive(Debug, thiserror::Error)]
@@ -162,8 +165,14 @@ pub struct DriftSettings {
 /// cache's key, so it holds only what decides the artifact.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DriftBudget {
+    /// Apply to every whole output and every automatically found part; named parts have their
+    /// own thresholds instead.
     pub min_cosine: Option<f64>,
     pub min_top1_agreement: Option<f64>,
+    /// Named parts of outputs with their own thresholds, by part name. Left out of the key when
+    /// empty, so artifacts built before parts existed keep their keys.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub parts: BTreeMap<String, PartBudget>,
     /// The most of a static INT8 variant's quantized nodes the mixed-precision search may keep
     /// in FP32 (a fraction; none: no cap). A variant that needs more misses the budget.
     pub max_fp32_fraction: Option<f64>,
@@ -172,6 +181,41 @@ pub struct DriftBudget {
     /// one stopped by the limit is not cached.
     #[serde(skip)]
     pub search_time_limit: Option<Duration>,
+}
+
+impl DriftBudget {
+    /// Whether anything is to be met (the cap and the time limit alone are not a budget).
+    pub fn has_thresholds(&self) -> bool {
+        self.min_cosine.is_some() || self.min_top1_agreement.is_some() || !self.parts.is_empty()
+    }
+}
+
+/// A named part of one output (`drift.budget.parts.<name>`): some channels of it, or all of it,
+/// judged by thresholds of its own. Validation guarantees at least one threshold.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PartBudget {
+    pub output: String,
+    /// The channels measured; `None` measures the whole output.
+    pub slice: Option<PartSlice>,
+    pub min_cosine: Option<f64>,
+    pub min_sqnr_db: Option<f64>,
+    pub max_abs: Option<f64>,
+    pub min_top1_agreement: Option<f64>,
+    /// Along what top-1 agreement is taken (only with `min_top1_agreement`).
+    pub top1_axis: Top1Axis,
+}
+
+/// Where the argmax of a top-1 agreement is taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum Top1Axis {
+    /// Along the last axis of the output.
+    #[default]
+    Last,
+    /// Along this axis of the output (negative counts from the end).
+    Axis(i64),
+    /// Over every non-batch element of the part, once per batch item: on a detection head,
+    /// whether the best anchor and class agree.
+    All,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

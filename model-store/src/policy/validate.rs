@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 
 use mantissa_quantize::passes::int8::{Int8Error, Int8Mode, Int8Options};
 
-use super::raw::{RawBudget, RawDrift, RawPolicy, RawRouting, RawServing, RawVariant};
+use super::part_slice::PartSlice;
+use super::raw::{RawBudget, RawDrift, RawParts, RawPolicy, RawRouting, RawServing, RawVariant};
 use super::types::{
-    DriftBudget, DriftSettings, Policy, PolicyError, Precision, ServingSettings, ShadowSettings, Split, VariantSpec,
+    DriftBudget, DriftSettings, PartBudget, Policy, PolicyError, Precision, ServingSettings, ShadowSettings, Split,
+    Top1Axis, VariantSpec,
 };
 use crate::duration::parse_duration;
 use crate::yaml_location::line_of_key;
@@ -256,9 +258,98 @@ fn validate_budget(raw: &RawBudget, source: &Source) -> Result<DriftBudget, Poli
     Ok(DriftBudget {
         min_cosine: raw.min_cosine,
         min_top1_agreement: raw.min_top1_agreement,
+        parts: validate_parts(&raw.parts, &["drift", "budget", "parts"], source)?,
         max_fp32_fraction: raw.max_fp32_fraction,
         search_time_limit,
     })
+}
+
+/// Named parts, found under the key path `at` (`drift.budget.parts` in a policy, the top
+/// level of a `--budget-parts` file): a usable name, a slice that parses, at least one
+/// threshold, each in its range.
+fn validate_parts(raw: &RawParts, at: &[&str], source: &Source) -> Result<BTreeMap<String, PartBudget>, PolicyError> {
+    let mut parts = BTreeMap::new();
+    for (name, part) in raw {
+        let key = |leaf: Option<&'static str>| -> Vec<&str> {
+            at.iter().copied().chain([name.as_str()]).chain(leaf).collect()
+        };
+        // The name labels metrics and ModelConfig parameters, like a variant name.
+        if !is_valid_name(name) {
+            return Err(source.error(
+                &key(None),
+                format!("part name `{name}` must be non-empty and use only letters, digits, '_', '-' or '.'"),
+            ));
+        }
+        if part.output.is_empty() {
+            return Err(source.error(&key(Some("output")), "expected the name of a model output".to_owned()));
+        }
+        let slice = match &part.slice {
+            Some(text) => Some(PartSlice::parse(text).map_err(|message| source.error(&key(Some("slice")), message))?),
+            None => None,
+        };
+        for (leaf, value) in [("min_cosine", part.min_cosine), ("min_top1_agreement", part.min_top1_agreement)] {
+            if let Some(value) = value.filter(|v| !(0.0..=1.0).contains(v)) {
+                return Err(source.error(&key(Some(leaf)), format!("expected a value in [0, 1], got {value}")));
+            }
+        }
+        if let Some(value) = part.max_abs.filter(|v| !v.is_finite() || *v < 0.0) {
+            return Err(source.error(&key(Some("max_abs")), format!("expected a finite value >= 0, got {value}")));
+        }
+        if let Some(value) = part.min_sqnr_db.filter(|v| !v.is_finite()) {
+            return Err(source.error(&key(Some("min_sqnr_db")), format!("expected a finite number of dB, got {value}")));
+        }
+        if [part.min_cosine, part.min_sqnr_db, part.max_abs, part.min_top1_agreement].iter().all(Option::is_none) {
+            return Err(source.error(
+                &key(None),
+                format!(
+                    "part `{name}` sets no threshold; give at least one of min_cosine, min_sqnr_db, max_abs, min_top1_agreement"
+                ),
+            ));
+        }
+        let top1_axis = match &part.top1_axis {
+            None => Top1Axis::Last,
+            Some(_) if part.min_top1_agreement.is_none() => {
+                return Err(source
+                    .error(&key(Some("top1_axis")), "`top1_axis` only applies with `min_top1_agreement`".to_owned()));
+            }
+            Some(value) => top1_axis(value).map_err(|message| source.error(&key(Some("top1_axis")), message))?,
+        };
+        parts.insert(
+            name.clone(),
+            PartBudget {
+                output: part.output.clone(),
+                slice,
+                min_cosine: part.min_cosine,
+                min_sqnr_db: part.min_sqnr_db,
+                max_abs: part.max_abs,
+                min_top1_agreement: part.min_top1_agreement,
+                top1_axis,
+            },
+        );
+    }
+    Ok(parts)
+}
+
+/// `top1_axis`: an integer axis or `all`.
+fn top1_axis(value: &serde_yaml::Value) -> Result<Top1Axis, String> {
+    match value {
+        serde_yaml::Value::Number(number) if number.is_i64() => Ok(Top1Axis::Axis(number.as_i64().unwrap_or(-1))),
+        serde_yaml::Value::String(text) if text == "all" => Ok(Top1Axis::All),
+        other => Err(format!("expected an integer axis or `all`, got {}", yaml_text(other))),
+    }
+}
+
+fn yaml_text(value: &serde_yaml::Value) -> String {
+    serde_yaml::to_string(value).map(|text| text.trim().to_owned()).unwrap_or_else(|_| format!("{value:?}"))
+}
+
+/// Validates a `--budget-parts` file's map (its keys are at the top level of the file).
+pub(super) fn validate_parts_file(
+    raw: &RawParts,
+    text: &str,
+    path: &Path,
+) -> Result<BTreeMap<String, PartBudget>, PolicyError> {
+    validate_parts(raw, &[], &Source { text, path })
 }
 
 /// The `shadow:` section is deserialized straight into its typed form; only its values are

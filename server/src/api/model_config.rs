@@ -128,6 +128,9 @@ fn render_int8(int8: &Int8Facts, out: &mut Parameters) {
         out.set("int8_plain_recipe_cosine", search.plain_recipe_cosine);
         out.set("int8_budget_search_evaluations", search.evaluations);
         out.set("int8_budget_search_ms", search.search_ms);
+        if let Some(tightest) = &search.tightest {
+            out.set("int8_budget_tightest", tightest);
+        }
         if search.time_limited {
             out.set("int8_budget_search_time_limited", true);
         }

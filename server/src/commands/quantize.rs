@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
-use mantissa_model_store::{DriftBudget, Policy, PolicyError, Precision, VariantSpec};
+use mantissa_model_store::{DriftBudget, Policy, PolicyError, Precision, VariantSpec, load_budget_parts};
 use mantissa_preparation::PrepareError;
 use mantissa_preparation::calibrate::run_first_sample;
 use mantissa_preparation::int8::{Int8Job, Int8Outcome, quantize_int8};
@@ -91,6 +91,11 @@ pub struct QuantizeArgs {
     /// excluded); past it the search fails with the best configuration it reached.
     #[arg(long, requires = "holdout", value_parser = super::duration_arg)]
     pub budget_time_limit: Option<std::time::Duration>,
+    /// INT8 static: a YAML file holding named output parts with their own thresholds, the same
+    /// map as a policy's `drift.budget.parts` (e.g. `scores: {output: output0, slice: "[:, 4:, :]",
+    /// min_top1_agreement: 0.95, top1_axis: all}`).
+    #[arg(long, requires = "holdout")]
+    pub budget_parts: Option<PathBuf>,
     /// Outputs holding class scores (for --budget-top1); repeatable.
     #[arg(long)]
     pub class_output: Vec<String>,
@@ -266,6 +271,10 @@ fn budget_from_flags(args: &QuantizeArgs) -> Result<DriftBudget, QuantizeError> 
     let budget = DriftBudget {
         min_cosine: args.budget_cosine,
         min_top1_agreement: args.budget_top1,
+        parts: match &args.budget_parts {
+            Some(path) => load_budget_parts(path)?,
+            None => Default::default(),
+        },
         max_fp32_fraction: args.budget_max_fp32_fraction,
         search_time_limit: args.budget_time_limit,
     };
@@ -290,15 +299,12 @@ fn run_int8(args: &QuantizeArgs, model: &mut ModelProto) -> Result<Summary, Quan
         None
     };
     let budget = budget_from_flags(args)?;
-    let search =
-        args.holdout.as_deref().filter(|_| budget.min_cosine.is_some() || budget.min_top1_agreement.is_some()).map(
-            |holdout| BudgetSearch {
-                holdout,
-                class_outputs: &args.class_output,
-                budget: &budget,
-                serve_flagged: false,
-            },
-        );
+    let search = args.holdout.as_deref().filter(|_| budget.has_thresholds()).map(|holdout| BudgetSearch {
+        holdout,
+        class_outputs: &args.class_output,
+        budget: &budget,
+        serve_flagged: false,
+    });
     let mut memory_peaks = None;
     let outcome = match &environment {
         Some(environment) => {
@@ -314,7 +320,7 @@ fn run_int8(args: &QuantizeArgs, model: &mut ModelProto) -> Result<Summary, Quan
         None => quantize_dynamic(model, &options).map(plain_outcome).map_err(|err| err.to_string()),
     }
     .map_err(|err| QuantizeError::pass(&args.model, err))?;
-    Ok(Summary::Int8(outcome.report, options.mode, outcome.search, memory_peaks))
+    Ok(Summary::Int8(outcome.report, options.mode, outcome.search.map(Box::new), memory_peaks))
 }
 
 fn plain_outcome(report: Int8Report) -> Int8Outcome {
@@ -343,7 +349,7 @@ enum Summary {
     Fp16(Fp16Report),
     /// The report, the mode, the budget search, and the peak resident bytes of FP32 inference
     /// on one calibration sample and of the static pass (calibration included).
-    Int8(Int8Report, Int8Mode, Option<SearchReport>, Option<(u64, u64)>),
+    Int8(Int8Report, Int8Mode, Option<Box<SearchReport>>, Option<(u64, u64)>),
 }
 
 fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Duration) {
@@ -391,6 +397,9 @@ fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Dur
                     searched.elapsed.as_secs_f64(),
                     if searched.time_limited { "; stopped by the time limit" } else { "" }
                 );
+                if let Some(tightest) = &searched.tightest {
+                    println!("  tightest threshold:      {tightest}");
+                }
                 for node in &searched.kept_fp32 {
                     println!("      kept FP32 by the search: {node}");
                 }

@@ -7,7 +7,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use mantissa_model_store::{BudgetMiss, DriftSettings};
-use mantissa_preparation::accuracy::{DriftReport, compare_runs};
+use mantissa_preparation::accuracy::{DriftReport, Measures, compare_runs};
+use mantissa_preparation::named_parts::PartError;
 use mantissa_runtime::RuntimeError;
 use mantissa_runtime::samples::{load_sample, sample_files};
 
@@ -26,6 +27,9 @@ enum DriftCheckError {
     Reference { sample: String, reason: InternalRunError },
     #[error("{sample}: {reason}")]
     Variant { sample: String, reason: InternalRunError },
+    /// A named part of the budget does not fit the model's outputs.
+    #[error("drift.budget.parts: {0}")]
+    Part(#[from] PartError),
 }
 
 /// Runs every holdout sample through both variants' workers (blocking) and returns the drift
@@ -44,7 +48,7 @@ fn measure(
     }
     compare_runs(
         &samples,
-        &settings.class_outputs,
+        Measures { class_outputs: &settings.class_outputs, parts: Some(&settings.budget.parts) },
         |_, sample| {
             reference
                 .run_internal_blocking(sample.clone())
@@ -79,7 +83,7 @@ pub(crate) fn check_drift(model: &ServedModel, loaded: &mut LoadedVariants) {
             }
         };
         record(model, &variant.spec.name, settings, &report);
-        let has_budget = settings.budget.min_cosine.is_some() || settings.budget.min_top1_agreement.is_some();
+        let has_budget = settings.budget.has_thresholds();
         let mut drift = StartupDrift {
             reference: settings.reference.clone(),
             outputs: report.outputs.clone(),

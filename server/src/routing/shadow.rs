@@ -7,10 +7,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use mantissa_model_store::ShadowSettings;
+use std::collections::BTreeMap;
+
+use mantissa_model_store::{PartBudget, ShadowSettings};
 use tokio::sync::mpsc;
 
-use mantissa_preparation::accuracy::DriftTally;
+use mantissa_preparation::accuracy::{DriftTally, Measures};
 use mantissa_runtime::{InferenceRequest, OutputTensor};
 
 use crate::routing::registry::Registry;
@@ -37,10 +39,12 @@ impl Shadows {
         for model in registry.models() {
             let Some(settings) = model.entry.policy.shadow.clone() else { continue };
             let (sender, receiver) = mpsc::channel(settings.queue_size);
+            // The same parts as the startup drift check, so live and startup figures line up.
+            let parts = model.entry.policy.drift.as_ref().map(|drift| drift.budget.parts.clone()).unwrap_or_default();
             tasks.push(tokio::spawn(compare_samples(
                 Arc::clone(registry),
                 model.name().to_owned(),
-                settings.clone(),
+                (settings.clone(), parts),
                 receiver,
             )));
             senders.insert(model.name().to_owned(), (sender, settings));
@@ -69,7 +73,7 @@ impl Shadows {
 async fn compare_samples(
     registry: Arc<Registry>,
     model: String,
-    settings: ShadowSettings,
+    (settings, parts): (ShadowSettings, BTreeMap<String, PartBudget>),
     mut samples: mpsc::Receiver<ShadowSample>,
 ) {
     while let Some(sample) = samples.recv().await {
@@ -101,7 +105,13 @@ async fn compare_samples(
         };
         // One sample at a time: each sample is one observation in the drift histograms.
         let mut tally = DriftTally::default();
-        tally.add_pair(&expected, &sample.outputs, &[]);
+        if let Err(reason) =
+            tally.add_pair(&expected, &sample.outputs, Measures { class_outputs: &[], parts: Some(&parts) })
+        {
+            tracing::warn!(model = %model, variant = %sample.variant, %reason, "shadow sample not compared");
+            metrics::record_shadow_dropped(&model, &sample.variant);
+            continue;
+        }
         for (output, figures) in &tally.report().outputs {
             metrics::record_shadow_drift(&model, &sample.variant, output, figures);
         }

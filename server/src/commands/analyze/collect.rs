@@ -18,6 +18,7 @@ use mantissa_quantize::types::{ElemTypes, attribute, infer_elem_types};
 
 use mantissa_preparation::accuracy::DriftAccumulator;
 use mantissa_preparation::calibrate::{CalibrationJob, add_float_outputs, calibrate};
+use mantissa_preparation::output_parts::PartFinder;
 use mantissa_runtime::DataType;
 use mantissa_runtime::InferenceRequest;
 use mantissa_runtime::ModelSignature;
@@ -52,6 +53,9 @@ pub(super) struct Collected {
     /// MACCs of every compute node, counted on the first sample (`None` without samples).
     pub(super) maccs: Option<MaccsCount>,
     pub(super) sensitivity: Sensitivity,
+    /// The model's own outputs, each with the channel ranges its FP32 values showed, in
+    /// graph order: the parts the drift check would measure them by.
+    pub(super) output_parts: Vec<(String, PartFinder)>,
 }
 
 /// MACCs of the compute nodes, from the shapes of one sample.
@@ -461,7 +465,13 @@ impl Pass<'_> {
 }
 
 impl Collected {
-    fn new(plan: Plan<'_>, sensitivity: Sensitivity, signature: &ModelSignature, samples: usize) -> Self {
+    fn new(
+        plan: Plan<'_>,
+        sensitivity: Sensitivity,
+        signature: &ModelSignature,
+        samples: usize,
+        outputs: &GraphProto,
+    ) -> Self {
         Self {
             samples,
             items: 0,
@@ -473,6 +483,7 @@ impl Collected {
             saturation: plan.saturation,
             maccs: None,
             sensitivity,
+            output_parts: outputs.output.iter().map(|o| (o.name().to_owned(), PartFinder::default())).collect(),
         }
     }
 
@@ -500,6 +511,11 @@ impl Collected {
         }
         for tracker in &mut self.joins {
             tracker.observe(sample);
+        }
+        for (output, finder) in &mut self.output_parts {
+            if let Some(observed) = sample.get(output) {
+                finder.observe(&observed.shape, &observed.values);
+            }
         }
         Ok(())
     }
@@ -532,7 +548,7 @@ pub(super) fn collect(model: &Path, data: &Path, ort_library: Option<&Path>) -> 
 
     let compute_nodes = std::mem::take(&mut plan.compute_nodes);
     let batched = signature.inputs.first().and_then(|spec| spec.dims.first()).is_some_and(|&d| d < 0);
-    let mut collected = Collected::new(plan, sensitivity, &signature, files.len());
+    let mut collected = Collected::new(plan, sensitivity, &signature, files.len(), &graph);
     let mut pass = Pass {
         initializers: &view.initializers,
         compute_nodes: &compute_nodes,

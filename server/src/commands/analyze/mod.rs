@@ -1,8 +1,8 @@
 //! `mantissa analyze`: a quantization-readiness report of an FP32 model on sample data, following
 //! precision-rules.md: the observed range of every input (§1.1), the spread of per-channel ranges
 //! of the weights and activations Conv/MatMul/Gemm read (§1.2), dead ReLU/Clip channels (§1.3),
-//! saturated Sigmoid/Tanh inputs (§1.4), MACCs per sample (§2), and the nodes whose static INT8
-//! outputs drift most from FP32.
+//! saturated Sigmoid/Tanh inputs (§1.4), MACCs per sample (§2), the nodes whose static INT8
+//! outputs drift most from FP32, and the outputs the drift checks measure by part (§2).
 //!
 //! Data is streamed: each sample runs once through the FP32 model (with the tensors the report
 //! looks at added as graph outputs) and once through its static INT8 form, and only fixed-size
@@ -24,9 +24,9 @@ use clap::Args;
 
 pub use render::render;
 pub use report::{
-    About, DEAD_FRACTION_LIMIT, DeadReport, INPUT_RANGE_LIMIT, InputReport, MaccsNode, MaccsSection, Report,
-    SATURATION_LIMIT, SPREAD_RATIO_LIMIT, SQNR_LIMIT_DB, SaturationReport, Section, SensitiveNode, SensitivitySection,
-    SpreadReport,
+    About, DEAD_FRACTION_LIMIT, DeadReport, INPUT_RANGE_LIMIT, InputReport, MaccsNode, MaccsSection, OutputPartRow,
+    OutputPartsReport, Report, SATURATION_LIMIT, SPREAD_RATIO_LIMIT, SQNR_LIMIT_DB, SaturationReport, Section,
+    SensitiveNode, SensitivitySection, SpreadReport,
 };
 
 #[derive(Debug, Args)]

@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 
 use super::report::{
-    About, DeadReport, InputReport, MaccsSection, Report, SQNR_LIMIT_DB, SaturationReport, Section, SensitivitySection,
-    SpreadReport, number,
+    About, DeadReport, InputReport, MaccsSection, OutputPartsReport, Report, SQNR_LIMIT_DB, SaturationReport, Section,
+    SensitivitySection, SpreadReport, number,
 };
 
 fn optional(value: Option<f64>) -> String {
@@ -64,7 +64,31 @@ pub fn render(report: &Report) -> String {
     render_saturation(&mut out, 4, &report.saturation);
     render_maccs(&mut out, 5, &report.maccs);
     render_sensitivity(&mut out, 6, &report.sensitivity);
+    render_output_parts(&mut out, 7, &report.output_parts);
     out
+}
+
+/// One row per part, the output's name and ratio on its first part's row.
+fn render_output_parts(out: &mut String, position: usize, section: &Section<OutputPartsReport>) {
+    heading(out, position, &section.about, Some(section.flagged));
+    let mut rows = Vec::new();
+    for output in &section.items {
+        for (index, part) in output.parts.iter().enumerate() {
+            let first = index == 0;
+            rows.push(vec![
+                if first { output.output.clone() } else { String::new() },
+                part.label.clone(),
+                format!("{}: {}..{}", output.axis, part.start, part.end),
+                number(part.width),
+                match (first, output.ratio) {
+                    (false, _) => String::new(),
+                    (true, Some(ratio)) => format!("{ratio:.1}"),
+                    (true, None) => "inf".to_owned(),
+                },
+            ]);
+        }
+    }
+    table(out, &["output", "part", "channels (axis: range)", "range width", "widest / narrowest"], &rows);
 }
 
 fn render_inputs(out: &mut String, position: usize, section: &Section<InputReport>) {

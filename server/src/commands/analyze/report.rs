@@ -48,6 +48,7 @@ pub struct Report {
     pub saturation: Section<SaturationReport>,
     pub maccs: MaccsSection,
     pub sensitivity: SensitivitySection,
+    pub output_parts: Section<OutputPartsReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -135,6 +136,29 @@ pub struct SaturationReport {
     pub saturated: u64,
     pub fraction: f64,
     pub flagged: bool,
+}
+
+/// A model output whose channels split into parts on different scales.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputPartsReport {
+    pub output: String,
+    /// The axis the channels are counted along.
+    pub axis: usize,
+    pub parts: Vec<OutputPartRow>,
+    /// Widest part's range width over the narrowest's; `null` when the narrowest is constant.
+    pub ratio: Option<f64>,
+    pub flagged: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputPartRow {
+    /// As drift reports key it, e.g. `output0[:,4:84,:]`.
+    pub label: String,
+    /// Channels `start..end` along `axis`.
+    pub start: usize,
+    pub end: usize,
+    /// Highest minus lowest FP32 value over the part's channels.
+    pub width: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -235,6 +259,16 @@ is the default), try percentile/entropy calibration for outlier-heavy tensors (p
 without VNNI, whose u8s8 kernels can saturate, try int8 reduce_range: true.",
 };
 /// The INT8 options `collect` builds the twin with, in words.
+const OUTPUT_PARTS: About = About {
+    title: "Outputs measured by parts",
+    why: "An output whose channels live on different scales (a detection head's box coordinates in pixels beside \
+class scores in 0..1) has a cosine that is the cosine of its widest part: the narrow part can be wrong while the \
+whole reads near 1. The drift checks measure such an output by part, found on its FP32 values as here: runs of \
+channels whose range widths differ more than 10x (precision-rules 2). Ratio = widest part's range / narrowest's.",
+    suggestion: "Judge each part on its own: name the parts under drift.budget.parts with thresholds that suit \
+them (e.g. max_abs for boxes, min_top1_agreement with top1_axis: all for scores); named parts replace the \
+automatic ones for that output.",
+};
 const INT8_SETTINGS: &str = "static QDQ, per-channel int8 weights, uint8 activations, minmax calibration, \
 keep_first_and_last_layers: false";
 
@@ -280,7 +314,39 @@ pub(super) fn build(model: &Path, data: &Path, top: usize, collected: &Collected
         saturation: saturation_section(&collected.saturation),
         maccs: maccs_section(collected.maccs.as_ref()),
         sensitivity: sensitivity_section(&collected.sensitivity, top),
+        output_parts: output_parts_section(collected),
     }
+}
+
+/// Every output whose FP32 values split into parts; each is flagged, as it is measured by part.
+fn output_parts_section(collected: &Collected) -> Section<OutputPartsReport> {
+    let items = collected
+        .output_parts
+        .iter()
+        .filter_map(|(output, finder)| {
+            let parts = finder.parts();
+            let (first, _) = parts.first()?;
+            let rank = finder.rank();
+            let widths = parts.iter().map(|(_, width)| *width);
+            let (widest, narrowest) = (widths.clone().fold(0.0, f64::max), widths.fold(f64::INFINITY, f64::min));
+            Some(OutputPartsReport {
+                output: output.clone(),
+                axis: first.axis,
+                parts: parts
+                    .iter()
+                    .map(|(part, width)| OutputPartRow {
+                        label: part.label(output, rank),
+                        start: part.start,
+                        end: part.end,
+                        width: *width,
+                    })
+                    .collect(),
+                ratio: (narrowest > 0.0).then(|| widest / narrowest),
+                flagged: true,
+            })
+        })
+        .collect();
+    Section::new(OUTPUT_PARTS, mantissa_preparation::output_parts::PART_RANGE_RATIO, items, |o| o.flagged)
 }
 
 fn inputs_section(inputs: &[InputTracker]) -> Section<InputReport> {
