@@ -101,6 +101,7 @@ type Statistics = HashMap<String, TensorStatistics>;
 pub fn calibrate(environment: &Environment, job: &CalibrationJob<'_>) -> Result<Ranges, PrepareError> {
     let started = Instant::now();
     let files = sample_files(job.data)?;
+    let _mapped = mantissa_runtime::memory::MapLargeBlocks::new();
     let yardstick = measure_inference(environment, job.model, job.data)?;
     let method = job.options.method();
     // MinMax ranges need no histograms, which cost more per value than the min and max.

@@ -33,6 +33,44 @@ pub fn release_free_memory() {
     }
 }
 
+/// While alive, blocks of 128 KiB and more are mapped and unmapped one by one instead of being
+/// carved from the allocator's heaps (glibc's default raises that threshold to the size of
+/// the largest block freed, up to 32 MiB). Calibration frees and allocates activations of a
+/// few MiB on every run; carved from the heap, they fragment it and the resident peak climbs
+/// run after run (3.4x FP32 inference measured on a model of 8 MiB activations, 1.7x mapped).
+/// On drop the threshold is set to 32 MiB, where glibc's own adjustment would have taken it.
+/// A no-op outside glibc.
+pub struct MapLargeBlocks(());
+
+impl MapLargeBlocks {
+    pub fn new() -> Self {
+        set_mmap_threshold(128 << 10);
+        Self(())
+    }
+}
+
+impl Default for MapLargeBlocks {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for MapLargeBlocks {
+    fn drop(&mut self) {
+        set_mmap_threshold(32 << 20);
+    }
+}
+
+fn set_mmap_threshold(bytes: i32) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's tuning; it is safe to call at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, bytes);
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = bytes;
+}
+
 /// Runs `phase` and returns its result with the peak resident size reached while it ran
 /// (`None` where the peak cannot be reset or read).
 pub fn measure<T>(phase: impl FnOnce() -> T) -> (T, Option<u64>) {
