@@ -126,7 +126,7 @@ pub fn calibrate(environment: &Environment, job: &CalibrationJob<'_>) -> Result<
                 observe_in_groups(environment, job, &files, yardstick.budget_bytes, &mut statistics, &progress)?;
             format!("{groups} groups, one pass each")
         }
-        Err(SegmentedFailure { reason, .. }) => return Err(reason),
+        Err(SegmentedFailure { reason, .. }) => return Err(*reason),
     };
     tracing::info!(
         variant = job.label,
@@ -175,7 +175,7 @@ impl Progress<'_> {
 /// (then observing in groups may still work).
 struct SegmentedFailure {
     on_first_sample: bool,
-    reason: PrepareError,
+    reason: Box<PrepareError>,
 }
 
 /// Observes every sample through the model's segments; returns how many segments it took.
@@ -187,7 +187,7 @@ fn observe_segmented(
     statistics: &mut Statistics,
     progress: &Progress<'_>,
 ) -> Result<usize, SegmentedFailure> {
-    let first = |reason| SegmentedFailure { on_first_sample: true, reason };
+    let first = |reason| SegmentedFailure { on_first_sample: true, reason: Box::new(reason) };
     let inputs: Vec<String> = yardstick.signature.inputs.iter().map(|spec| spec.name.clone()).collect();
     let mut observer =
         SegmentedObserver::new(environment, job.model, job.tensors, &inputs, yardstick.budget_bytes).map_err(first)?;
@@ -197,7 +197,7 @@ fn observe_segmented(
         }
     };
     for (done, file) in files.iter().enumerate() {
-        let fail = |reason| SegmentedFailure { on_first_sample: done == 0, reason };
+        let fail = |reason| SegmentedFailure { on_first_sample: done == 0, reason: Box::new(reason) };
         let sample = load_sample(file, &yardstick.signature).map_err(|err| fail(err.into()))?;
         observer.observe(&yardstick.signature, sample, &mut visit).map_err(fail)?;
         progress.sample_done(1, done + 1);
