@@ -9,9 +9,10 @@ use mantissa_quantize::passes::int8::Int8Mode;
 use mantissa_quantize::{load_model, to_bytes};
 use mantissa_runtime::{Environment, ModelSource};
 
+use crate::auto_int8::{AutoTiming, MAX_TIMED_BATCH, quantize_int8_any};
 use crate::error::PrepareError;
 use crate::facts::{BuildFacts, Fp16Facts, Int8Facts, SearchFacts};
-use crate::int8::{Int8Job, budget_for, quantize_int8};
+use crate::int8::{Int8Job, budget_for};
 
 /// A variant's model plus facts about how it was built.
 #[derive(Debug, Clone)]
@@ -88,7 +89,14 @@ fn build_int8(
     let mut model = load_model(&entry.model_path)?;
     let label = format!("{}:{}", entry.name, spec.name);
     let job = Int8Job { options: &options, label: &label, budget: budget_for(entry, spec) };
-    let outcome = quantize_int8(environment, &mut model, &job)?;
+    let serving = &spec.serving;
+    let timing = AutoTiming::for_variant(
+        serving.intra_op_threads,
+        &serving.preferred_batch_sizes,
+        serving.max_batch_size.unwrap_or(MAX_TIMED_BATCH as u32),
+    );
+    let outcome = quantize_int8_any(environment, &mut model, &job, &timing)?;
+    let calibrated = options.mode == Int8Mode::Static || outcome.auto.as_ref().is_some_and(|a| a.chosen == "static");
     let report = outcome.report;
     let bytes = to_bytes(&model);
     tracing::info!(
@@ -111,7 +119,7 @@ fn build_int8(
         activations_quantized: report.activations_quantized,
         per_channel: options.per_channel,
         reduce_range: options.effective_reduce_range(),
-        calibration_method: (options.mode == Int8Mode::Static).then_some(options.calibration.method),
+        calibration_method: calibrated.then_some(options.calibration.method),
         budget_search: outcome.search.map(|searched| SearchFacts {
             kept_fp32: searched.kept_fp32,
             cosine: searched.cosine,
@@ -123,6 +131,7 @@ fn build_int8(
         }),
         budget_fallback: outcome.fallback,
         notes: report.notes,
+        auto: outcome.auto,
     });
     Ok(ModelSource::Memory(bytes.into()))
 }

@@ -12,6 +12,7 @@ use mantissa_runtime::samples::sample_files;
 use mantissa_runtime::{Environment, ModelSource};
 use serde::Serialize;
 
+use crate::auto_int8::cpu_signature;
 use crate::build::{BuiltVariant, build_variant};
 use crate::cache::ArtifactCache;
 use crate::error::PrepareError;
@@ -25,6 +26,10 @@ struct ArtifactRecipe<'a> {
     fp16: Option<&'a Fp16Options>,
     int8: Option<&'a Int8Options>,
     budget: Option<&'a DriftBudget>,
+    /// For `mode: auto`, the CPU the forms are timed on: a choice made on another CPU is
+    /// made again, not trusted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu: Option<String>,
 }
 
 /// Builds the model of `spec`, or takes it from `cache` when an intact artifact built from the
@@ -44,6 +49,8 @@ pub fn build_variant_cached(
         fp16: spec.fp16.as_ref(),
         int8: spec.int8.as_ref(),
         budget: budget_for(entry, spec).map(|search| search.budget),
+        cpu: (spec.precision == Precision::Int8 && spec.int8.as_ref().is_none_or(|o| o.mode == Int8Mode::Auto))
+            .then(cpu_signature),
     };
     let key = ArtifactCache::key(&input_files(entry, spec)?, &recipe).map_err(PrepareError::CacheKey)?;
     if let Some((bytes, mut facts)) = cache.load(&entry.name, &spec.name, &key) {

@@ -71,6 +71,9 @@ pub struct Int8Facts {
     /// The pass's notes: an already-quantized model, or why nothing was quantized.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// What `mode: auto` chose, with every form's figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<AutoFacts>,
 }
 
 impl Int8Facts {
@@ -111,4 +114,65 @@ pub struct BudgetFallback {
     pub reason: String,
     /// The search's time limit ended it.
     pub time_limited: bool,
+}
+
+/// One candidate form, as measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateFacts {
+    /// "dynamic" or "static".
+    pub form: String,
+    /// (batch size, FP32 median time / the form's median time).
+    pub speedups: Vec<(usize, f64)>,
+    /// Worst output (or part) cosine against FP32 on the holdout data.
+    pub cosine: Option<f64>,
+    pub meets_budget: bool,
+    pub bytes: u64,
+    /// Why the form was not built or not eligible, or what the budget search did.
+    pub note: Option<String>,
+}
+
+impl CandidateFacts {
+    /// The geometric mean of the speedups: one figure across batch sizes.
+    pub fn mean_speedup(&self) -> Option<f64> {
+        if self.speedups.is_empty() {
+            return None;
+        }
+        let logs: f64 = self.speedups.iter().map(|(_, s)| s.max(1e-9).ln()).sum();
+        Some((logs / self.speedups.len() as f64).exp())
+    }
+}
+
+/// What auto chose and why, with every candidate's figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoFacts {
+    pub chosen: String,
+    pub reason: String,
+    /// The CPU the forms were timed on (model name and the flags that pick INT8 kernels).
+    pub cpu: String,
+    pub candidates: Vec<CandidateFacts>,
+}
+
+impl AutoFacts {
+    /// The candidate table, one line per form, as the log and `mantissa quantize` print it.
+    pub fn table(&self) -> Vec<String> {
+        let mut lines = vec![format!(
+            "{:<8} {:>26} {:>10} {:>8} {:>11}  note",
+            "form", "speedup vs FP32", "cosine", "budget", "bytes"
+        )];
+        for c in &self.candidates {
+            let speedups = c.speedups.iter().map(|(b, s)| format!("b{b} {s:.2}x")).collect::<Vec<_>>().join(" ");
+            let cosine = c.cosine.map_or("-".to_owned(), |v| format!("{v:.5}"));
+            let chosen = if c.form == self.chosen { " (chosen)" } else { "" };
+            lines.push(format!(
+                "{:<8} {:>26} {:>10} {:>8} {:>11}  {}{chosen}",
+                c.form,
+                if speedups.is_empty() { "-".to_owned() } else { speedups },
+                cosine,
+                if c.meets_budget { "met" } else { "missed" },
+                c.bytes,
+                c.note.as_deref().unwrap_or("")
+            ));
+        }
+        lines
+    }
 }

@@ -11,7 +11,7 @@ use mantissa_runtime::Environment;
 
 use crate::calibrate::{CalibrationJob, calibrate};
 use crate::error::PrepareError;
-use crate::facts::BudgetFallback;
+use crate::facts::{AutoFacts, BudgetFallback};
 use crate::search::{BudgetSearch, SearchReport, StaticRecipe, search};
 
 /// What to quantize a model with.
@@ -28,7 +28,8 @@ pub struct Int8Job<'a> {
 /// model whose policy names holdout data and a budget.
 pub fn budget_for<'a>(entry: &'a ModelEntry, spec: &VariantSpec) -> Option<BudgetSearch<'a>> {
     let drift = entry.policy.drift.as_ref()?;
-    let is_static = spec.int8.as_ref().is_some_and(|o| o.mode == Int8Mode::Static);
+    // Auto searches with the budget in its static form and judges its dynamic form by it.
+    let is_static = spec.int8.as_ref().is_none_or(|o| matches!(o.mode, Int8Mode::Static | Int8Mode::Auto));
     (is_static && drift.budget.has_thresholds() && spec.name != drift.reference).then_some(BudgetSearch {
         holdout: &drift.holdout_data,
         class_outputs: &drift.class_outputs,
@@ -46,11 +47,13 @@ pub struct Int8Outcome {
     /// Why the plain recipe is served instead, when the search failed and the policy serves
     /// such a variant flagged.
     pub fallback: Option<BudgetFallback>,
+    /// What `mode: auto` chose, with every form's figures.
+    pub auto: Option<AutoFacts>,
 }
 
 impl Int8Outcome {
-    fn plain(report: Int8Report) -> Self {
-        Self { report, search: None, fallback: None }
+    pub fn plain(report: Int8Report) -> Self {
+        Self { report, search: None, fallback: None, auto: None }
     }
 }
 
@@ -69,6 +72,10 @@ pub fn quantize_int8(
             .map(Int8Outcome::plain)
             .map_err(|source| PrepareError::Int8 { mode: "int8 weight-only", source }),
         Int8Mode::Static => quantize_calibrated(environment, model, job),
+        // Auto runs the passes above itself (`crate::auto_int8`); nothing calls it here.
+        Int8Mode::Auto => Err(PrepareError::Observation(
+            "mode auto is resolved by auto_int8::quantize_int8_any, not by one pass".to_owned(),
+        )),
     }
 }
 
@@ -107,14 +114,14 @@ fn quantize_calibrated(
     match search(environment, &recipe, &budget, job.label) {
         Ok((quantized, report, searched)) => {
             *model = quantized;
-            Ok(Int8Outcome { report, search: Some(searched), fallback: None })
+            Ok(Int8Outcome { report, search: Some(searched), fallback: None, auto: None })
         }
         Err(missed) if budget.serve_flagged => {
             tracing::warn!(variant = job.label, %missed, "budget search failed; serving the plain recipe flagged");
             let report = quantize_static(model, options, &ranges).map_err(static_error)?;
             let time_limited = matches!(missed, PrepareError::SearchTimeLimit { .. });
             let fallback = BudgetFallback { reason: missed.to_string(), time_limited };
-            Ok(Int8Outcome { report, search: None, fallback: Some(fallback) })
+            Ok(Int8Outcome { report, search: None, fallback: Some(fallback), auto: None })
         }
         Err(missed) => Err(missed),
     }

@@ -3,6 +3,8 @@
 //!
 //! - [`build`]: parse the model and run the variant's precision pass ([`build_variant`]);
 //! - [`int8`]: the INT8 step (dynamic, weight-only, or static: calibrate, then search);
+//! - [`auto_int8`]: `mode: auto`, the fastest of the forms [`int8`] builds that meets the budget,
+//!   timed on this CPU;
 //! - [`calibrate`]: static calibration on sample data, each sample run once through the graph's
 //!   segments ([`segmented`]; tensor groups where a model cannot be cut);
 //! - [`search`]: the accuracy-budget search that keeps the most sensitive nodes FP32, ranking
@@ -21,6 +23,7 @@
 //! passes (the server's workers); nothing here knows about gRPC or serving workers.
 
 pub mod accuracy;
+pub mod auto_int8;
 pub mod budget_check;
 pub mod build;
 pub mod cache;

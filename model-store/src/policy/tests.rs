@@ -145,8 +145,9 @@ fn int8_variants_need_calibration_data_for_static_mode() {
     .unwrap_err();
     assert_eq!((err.line, err.key.as_str()), (Some(6), "variants.q.int8.calibration_data"));
     assert!(err.message.contains("does not exist"), "{err}");
-    let dynamic = Policy::parse("variants:\n  q:\n    precision: int8\n", &path).unwrap();
-    assert_eq!(dynamic.variants[0].int8.as_ref().unwrap().mode, Int8Mode::Dynamic);
+    // Without a mode, INT8 is auto: without calibration data or a budget, the dynamic form.
+    let auto = Policy::parse("variants:\n  q:\n    precision: int8\n", &path).unwrap();
+    assert_eq!(auto.variants[0].int8.as_ref().unwrap().mode, Int8Mode::Auto);
 }
 
 #[test]

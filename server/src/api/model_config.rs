@@ -139,6 +139,22 @@ fn render_int8(int8: &Int8Facts, out: &mut Parameters) {
         out.set("int8_budget_fallback", &fallback.reason);
     }
     out.set("int8_mode", format!("{:?}", int8.mode).to_lowercase());
+    if let Some(auto) = &int8.auto {
+        out.set("int8_auto_chosen", &auto.chosen);
+        out.set("int8_auto_reason", &auto.reason);
+        out.set("int8_auto_cpu", &auto.cpu);
+        let candidates: Vec<String> = auto
+            .candidates
+            .iter()
+            .map(|c| {
+                let speed = c.speedups.iter().map(|(b, s)| format!("b{b}={s:.2}x")).collect::<Vec<_>>().join(" ");
+                let cosine = c.cosine.map_or("-".to_owned(), |v| format!("{v:.6}"));
+                let verdict = if c.meets_budget { "met" } else { "missed" };
+                format!("{}: {speed} cosine={cosine} budget={verdict} bytes={}", c.form, c.bytes)
+            })
+            .collect();
+        out.set("int8_auto_candidates", candidates.join(" | "));
+    }
     out.set("int8_nodes_quantized", int8.nodes_quantized);
     out.set("int8_nodes_kept_fp32", int8.nodes_kept_fp32);
     out.set("int8_activations_quantized", int8.activations_quantized);

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 use mantissa_model_store::{DriftBudget, Policy, PolicyError, Precision, VariantSpec, load_budget_parts};
 use mantissa_preparation::PrepareError;
+use mantissa_preparation::auto_int8::{AutoTiming, quantize_int8_any};
 use mantissa_preparation::calibrate::run_first_sample;
+use mantissa_preparation::facts::AutoFacts;
 use mantissa_preparation::int8::{Int8Job, Int8Outcome, quantize_int8};
 use mantissa_preparation::search::{BudgetSearch, SearchReport};
 use mantissa_quantize::calibration::CalibrationMethodKind;
@@ -28,6 +30,7 @@ pub enum ModeArg {
     Dynamic,
     Static,
     WeightOnly,
+    Auto,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,9 +64,18 @@ pub struct QuantizeArgs {
     /// List every node kept in FP32 with its reason.
     #[arg(long)]
     pub verbose: bool,
-    /// INT8: quantize activations at run time (dynamic) or with calibrated ranges (static).
+    /// INT8: quantize activations at run time (dynamic), with calibrated ranges (static), or
+    /// keep the fastest of those within the budget, timed on this CPU (auto, the default;
+    /// without --holdout and a budget it is dynamic).
     #[arg(long, value_enum)]
     pub mode: Option<ModeArg>,
+    /// INT8 auto: batch sizes each form is timed at (models batching along dimension 0).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub auto_batch_sizes: Vec<usize>,
+    /// INT8 auto: ONNX Runtime intra-op threads while timing (0: ONNX Runtime's choice), as
+    /// the serving variant will run.
+    #[arg(long, default_value_t = 0)]
+    pub auto_threads: u32,
     /// INT8 static: directory of calibration samples (.npz, keys = input names; .npy for one input).
     #[arg(long)]
     pub calibration_data: Option<PathBuf>,
@@ -193,6 +205,7 @@ fn int8_options(args: &QuantizeArgs) -> Result<Int8Options, QuantizeError> {
             ModeArg::Dynamic => Int8Mode::Dynamic,
             ModeArg::Static => Int8Mode::Static,
             ModeArg::WeightOnly => Int8Mode::WeightOnly,
+            ModeArg::Auto => Int8Mode::Auto,
         };
     }
     if let Some(data) = &args.calibration_data {
@@ -292,8 +305,8 @@ fn budget_from_flags(args: &QuantizeArgs) -> Result<DriftBudget, QuantizeError> 
 
 fn run_int8(args: &QuantizeArgs, model: &mut ModelProto) -> Result<Summary, QuantizeError> {
     let options = int8_options(args)?;
-    let environment = if options.mode == Int8Mode::Static {
-        // Calibration and the budget search run the model on ONNX Runtime.
+    let environment = if matches!(options.mode, Int8Mode::Static | Int8Mode::Auto) {
+        // Calibration, the budget search and auto's timing run the model on ONNX Runtime.
         Some(load_environment(args.ort_library.as_deref())?)
     } else {
         None
@@ -307,6 +320,15 @@ fn run_int8(args: &QuantizeArgs, model: &mut ModelProto) -> Result<Summary, Quan
     });
     let mut memory_peaks = None;
     let outcome = match &environment {
+        Some(environment) if options.mode == Int8Mode::Auto => {
+            let job = Int8Job { options: &options, label: "quantize", budget: search };
+            let timing = AutoTiming {
+                intra_op_threads: args.auto_threads,
+                batch_sizes: args.auto_batch_sizes.clone(),
+                ..AutoTiming::default()
+            };
+            quantize_int8_any(environment, model, &job, &timing).map_err(|err| err.to_string())
+        }
         Some(environment) => {
             let job = Int8Job { options: &options, label: "quantize", budget: search };
             let (result, peaks) =
@@ -320,11 +342,13 @@ fn run_int8(args: &QuantizeArgs, model: &mut ModelProto) -> Result<Summary, Quan
         None => quantize_dynamic(model, &options).map(plain_outcome).map_err(|err| err.to_string()),
     }
     .map_err(|err| QuantizeError::pass(&args.model, err))?;
-    Ok(Summary::Int8(outcome.report, options.mode, outcome.search.map(Box::new), memory_peaks))
+    let details =
+        Int8Details { search: outcome.search.map(Box::new), memory: memory_peaks, auto: outcome.auto.map(Box::new) };
+    Ok(Summary::Int8(outcome.report, options.mode, details))
 }
 
 fn plain_outcome(report: Int8Report) -> Int8Outcome {
-    Int8Outcome { report, search: None, fallback: None }
+    Int8Outcome::plain(report)
 }
 
 type StaticOutcome = Result<Int8Outcome, String>;
@@ -347,9 +371,17 @@ fn static_pass_measured(
 
 enum Summary {
     Fp16(Fp16Report),
-    /// The report, the mode, the budget search, and the peak resident bytes of FP32 inference
-    /// on one calibration sample and of the static pass (calibration included).
-    Int8(Int8Report, Int8Mode, Option<Box<SearchReport>>, Option<(u64, u64)>),
+    Int8(Int8Report, Int8Mode, Int8Details),
+}
+
+/// What an INT8 run did besides its pass report.
+struct Int8Details {
+    search: Option<Box<SearchReport>>,
+    /// Peak resident bytes of FP32 inference on one calibration sample and of the static pass
+    /// (calibration included).
+    memory: Option<(u64, u64)>,
+    /// Auto's candidates and choice.
+    auto: Option<Box<AutoFacts>>,
 }
 
 fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Duration) {
@@ -357,7 +389,8 @@ fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Dur
     let after = stored_size(&args.output);
     let precision = match summary {
         Summary::Fp16(_) => "fp16".to_owned(),
-        Summary::Int8(_, mode, _, _) => format!("int8 {mode:?}").to_lowercase(),
+        Summary::Int8(_, _, Int8Details { auto: Some(auto), .. }) => format!("int8 auto: {}", auto.chosen),
+        Summary::Int8(_, mode, _) => format!("int8 {mode:?}").to_lowercase(),
     };
     println!(
         "{} -> {} ({precision}) in {:.1} ms",
@@ -384,7 +417,13 @@ fn print_summary(args: &QuantizeArgs, summary: &Summary, elapsed: std::time::Dur
             );
             println!("  values clamped to ±65504: {}", report.values_clamped);
         }
-        Summary::Int8(report, _, searched, memory) => {
+        Summary::Int8(report, _, Int8Details { search: searched, memory, auto }) => {
+            if let Some(auto) = auto {
+                println!("  mode auto:               {} ({}), timed on {}", auto.chosen, auto.reason, auto.cpu);
+                for line in auto.table() {
+                    println!("      {line}");
+                }
+            }
             if let Some(searched) = searched {
                 println!(
                     "  budget search:           plain recipe cosine {:.6} -> {:.6} with {} of {} nodes kept FP32 ({} evaluations, {} sensitivity runs, {:.1} s{})",

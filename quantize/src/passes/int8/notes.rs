@@ -78,6 +78,7 @@ fn scope_of(mode: Int8Mode) -> &'static str {
             "dynamic mode quantizes MatMul and Gemm with constant weights, anywhere in the graph (Conv stays FP32: ONNX Runtime has no fast dynamic Conv kernel; static mode quantizes Conv)"
         }
         Int8Mode::WeightOnly => "weight-only mode quantizes the weights of MatMul and Gemm with constant weights",
+        Int8Mode::Auto => "auto mode keeps the fastest of the dynamic and static forms within the drift budget",
         Int8Mode::Static => {
             "static mode quantizes Conv, MatMul and Gemm of the main graph (calibration cannot observe tensors inside If/Loop/Scan subgraphs; MatMul and Gemm there are quantized dynamically)"
         }

@@ -14,13 +14,17 @@ use crate::onnx::NodeProto;
 #[serde(rename_all = "kebab-case")]
 pub enum Int8Mode {
     /// Activations quantized at run time; no calibration data needed.
-    #[default]
     Dynamic,
     /// Activations quantized with ranges calibrated ahead of time (QDQ format).
     Static,
     /// Block-wise weight-only quantization of MatMul weights (com.microsoft.MatMulNBits):
     /// activations stay float, each block of `block_size` weights along K has its own scale.
     WeightOnly,
+    /// The fastest of dynamic and static that meets the drift budget, timed on the serving
+    /// CPU (preparation builds and times the forms; a pass never runs in this mode itself).
+    /// The default: without a drift budget to judge the forms by, it is the dynamic form.
+    #[default]
+    Auto,
 }
 
 impl Int8Mode {
@@ -30,6 +34,7 @@ impl Int8Mode {
             Int8Mode::Dynamic => "int8 dynamic",
             Int8Mode::Static => "int8 static",
             Int8Mode::WeightOnly => "int8 weight-only",
+            Int8Mode::Auto => "int8 auto",
         }
     }
 }
@@ -92,7 +97,7 @@ pub struct Int8Options {
 impl Default for Int8Options {
     fn default() -> Self {
         Self {
-            mode: Int8Mode::Dynamic,
+            mode: Int8Mode::Auto,
             per_channel: true,
             reduce_range: None,
             activation_type: ActivationType::Uint8,
