@@ -32,6 +32,9 @@ MODES = {
     "int8-static-mse": STATIC + ["--calibration-method", "mse"],
     "int8-weight-only": ["--precision", "int8", "--mode", "weight-only"],
     "int8-static-budget": STATIC + ["--holdout", "{holdout}", "--budget-cosine", "0.99"],
+    # auto times its forms with 2 threads, as the report times every form
+    "int8-auto": ["--precision", "int8", "--mode", "auto", "--calibration-data", "{calibration}", "--holdout",
+                  "{holdout}", "--budget-cosine", "0.99", "--auto-threads", "2"],
 }
 SHORT = {
     "fp16": "fp16",
@@ -42,6 +45,7 @@ SHORT = {
     "int8-static-mse": "mse",
     "int8-weight-only": "weight-only",
     "int8-static-budget": "budget 0.99",
+    "int8-auto": "auto 0.99",
 }
 # op types whose presence means INT8 work (what a quantizer adds)
 QUANT_OPS = {
