@@ -6,12 +6,12 @@
 //! a com.microsoft.MatMulIntegerToFloat per weight (see [`share_activation_quantization`]).
 //! Static mode uses the same rewrite for the subgraphs its calibration cannot observe.
 
+use std::collections::{HashMap, HashSet};
+
 use super::checked::checked_pass;
 use super::embeddings::quantize_embedding_tables;
 use super::linear_walker::{LinearWeights, Reach, finish_contrib_rewrite, rewrite_linear_nodes};
 use super::options::{Int8Error, Int8Mode, Int8Options, Int8Report, Selection, WeightSettings};
-use std::collections::{HashMap, HashSet};
-
 use crate::graph::GraphIndex;
 use crate::onnx::{GraphProto, ModelProto, NodeProto, TensorProto};
 use crate::quant_params::per_channel_symmetric;
