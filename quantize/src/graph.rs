@@ -152,10 +152,84 @@ pub fn first_and_last_compute(graph: &GraphProto) -> (HashSet<usize>, HashSet<us
     (first, last)
 }
 
+/// The ends of the model among the first and last compute nodes (see
+/// [`first_and_last_compute`]): a first one whose data comes from one graph input along a
+/// single path, and a last one whose result alone makes a graph output. Each node on such a
+/// path has one data input; constants and values computed from shapes alone (Shape, Size and
+/// what follows from them) do not count as data. A compute node reading a join of several
+/// paths (the sum of a transformer's word and position embeddings) is inside the model, as is
+/// one whose result joins a residual sum before the output: the layers the precision rules
+/// keep FP32 at the ends (embedding lookups, output heads) are the ones at the boundary.
+pub fn model_ends(graph: &GraphProto) -> (HashSet<usize>, HashSet<usize>) {
+    let (first, last) = first_and_last_compute(graph);
+    let index = GraphIndex::build(graph);
+    let nodes = &graph.node;
+    let order = topological_order(graph).unwrap_or_else(|_| (0..nodes.len()).collect());
+    let constant: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+    // Values that depend on data only through shapes.
+    let mut shape_only: HashSet<&str> = HashSet::new();
+    for &position in &order {
+        let node = &nodes[position];
+        let from_shapes = matches!(node.op_type(), "Shape" | "Size")
+            || node
+                .input
+                .iter()
+                .filter(|i| !i.is_empty())
+                .all(|i| constant.contains(i.as_str()) || shape_only.contains(i.as_str()));
+        if from_shapes {
+            shape_only.extend(node.output.iter().map(String::as_str));
+        }
+    }
+    fn data<'g>(node: &'g NodeProto, constant: &HashSet<&str>, shape_only: &HashSet<&str>) -> Vec<&'g str> {
+        node.input
+            .iter()
+            .map(String::as_str)
+            .filter(|i| !i.is_empty() && !constant.contains(i) && !shape_only.contains(i))
+            .collect()
+    }
+    let is_compute = |n: &NodeProto| COMPUTE_OPS.contains(&n.op_type());
+    // Values that are a graph input or follow from exactly one along single-input nodes.
+    let mut from_input: HashSet<&str> = graph.input.iter().map(|v| v.name()).collect();
+    for &position in &order {
+        let node = &nodes[position];
+        if !is_compute(node)
+            && matches!(data(node, &constant, &shape_only).as_slice(), [only] if from_input.contains(only))
+        {
+            from_input.extend(node.output.iter().map(String::as_str));
+        }
+    }
+    // Values that alone make a graph output: an output itself, or read only by single-input
+    // nodes one of whose outputs does.
+    let outputs: HashSet<&str> = graph.output.iter().map(|v| v.name()).collect();
+    let mut to_output: HashSet<&str> = HashSet::new();
+    for &position in order.iter().rev() {
+        for value in &nodes[position].output {
+            let consumers = index.consumers(value);
+            let alone = outputs.contains(value.as_str())
+                || (!consumers.is_empty()
+                    && consumers.iter().all(|&c| {
+                        let consumer = &nodes[c];
+                        !is_compute(consumer)
+                            && data(consumer, &constant, &shape_only).len() == 1
+                            && consumer.output.iter().any(|o| to_output.contains(o.as_str()))
+                    }));
+            if alone {
+                to_output.insert(value.as_str());
+            }
+        }
+    }
+    let first = first
+        .into_iter()
+        .filter(|&i| data(&nodes[i], &constant, &shape_only).iter().any(|v| from_input.contains(v)))
+        .collect();
+    let last = last.into_iter().filter(|&i| nodes[i].output.iter().any(|o| to_output.contains(o.as_str()))).collect();
+    (first, last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::onnx::AttributeProto;
+    use crate::onnx::{AttributeProto, TensorProto};
     use crate::test_support::{graph, node, value};
 
     #[test]
@@ -192,5 +266,40 @@ mod tests {
             ["w", "x"]
         );
         assert_eq!(GraphIndex::build(&g).consumers("w"), &[0]);
+    }
+
+    /// Two tiny encoders over input `x` (initializers `w`, `t`, `b`): in the first, MatMul
+    /// `first` reads a reshape of `x` (its shape taken from `x`) and `last` writes `y` through a
+    /// bias Add; in the second, `first` reads a sum of two lookups and `last` joins a residual.
+    #[test]
+    fn model_ends_are_the_boundary_layers() {
+        let with_t = |mut g: GraphProto| {
+            g.initializer.push(TensorProto { name: Some("t".into()), ..Default::default() });
+            g.initializer.push(TensorProto { name: Some("b".into()), ..Default::default() });
+            g
+        };
+        let plain = with_t(graph(vec![
+            node("shape", "Shape", &["x"], &["s"]),
+            node("reshape", "Reshape", &["x", "s"], &["r"]),
+            node("first", "MatMul", &["r", "w"], &["h"]),
+            node("act", "Relu", &["h"], &["a"]),
+            node("last", "MatMul", &["a", "w"], &["l"]),
+            node("bias", "Add", &["l", "b"], &["y"]),
+        ]));
+        let (first, last) = model_ends(&plain);
+        assert_eq!((first.into_iter().collect::<Vec<_>>(), last.into_iter().collect::<Vec<_>>()), (vec![2], vec![4]));
+
+        let residual = with_t(graph(vec![
+            node("word", "Gather", &["t", "x"], &["e1"]),
+            node("position", "Gather", &["t", "x"], &["e2"]),
+            node("sum", "Add", &["e1", "e2"], &["e"]),
+            node("first", "MatMul", &["e", "w"], &["h"]),
+            node("last", "MatMul", &["h", "w"], &["l"]),
+            node("skip", "Add", &["l", "e"], &["y"]),
+        ]));
+        let (all_first, all_last) = first_and_last_compute(&residual);
+        assert!(all_first.contains(&3) && all_last.contains(&4));
+        let (first, last) = model_ends(&residual);
+        assert!(first.is_empty() && last.is_empty(), "{first:?} {last:?}");
     }
 }

@@ -175,6 +175,8 @@ pub fn node_output_types(node: &NodeProto, types: &ElemTypes) -> Vec<Option<i32>
         "DequantizeLinear" => all(input_type(node, 1, types).or(Some(elem::FLOAT))),
         "DynamicQuantizeLinear" => vec![Some(elem::UINT8), Some(elem::FLOAT), Some(elem::UINT8)],
         "MatMulInteger" | "ConvInteger" => all(Some(elem::INT32)),
+        // com.microsoft: integer inputs, output of the scales' float type.
+        "MatMulIntegerToFloat" => all(input_type(node, 2, types).or(Some(elem::FLOAT))),
         "QLinearConv" => all(input_type(node, 7, types).or(Some(elem::UINT8))),
         "QLinearMatMul" => all(input_type(node, 7, types).or(Some(elem::UINT8))),
         "Where" => all(first_known()),

@@ -1,7 +1,12 @@
 //! Dynamic INT8: MatMul/Gemm with constant weights become com.microsoft.DynamicQuantizeMatMul
 //! (int8 weights per output column; activations quantized by the node on every run), a bias
 //! Add that follows is moved into the node, and embedding tables are quantized (unless turned off).
+//! Where several of them read one activation (the query, key and value projections of an
+//! attention block), the main graph quantizes it once instead: one DynamicQuantizeLinear feeds
+//! a com.microsoft.MatMulIntegerToFloat per weight (see [`share_activation_quantization`]).
 //! Static mode uses the same rewrite for the subgraphs its calibration cannot observe.
+
+use std::collections::{HashMap, HashSet};
 
 use super::checked::checked_pass;
 use super::embeddings::quantize_embedding_tables;
@@ -10,7 +15,7 @@ use super::options::{Int8Error, Int8Mode, Int8Options, Int8Report, Selection, We
 use crate::graph::GraphIndex;
 use crate::onnx::{GraphProto, ModelProto, NodeProto, TensorProto};
 use crate::quant_params::per_channel_symmetric;
-use crate::rewrite::{NameGenerator, fold_bias_adds, sole_bias_add};
+use crate::rewrite::{NameGenerator, fold_bias_adds, simple_node, sole_bias_add};
 use crate::tensor::{float_tensor, int8_tensor};
 
 /// Dynamic INT8: rewrites MatMul/Gemm with constant weights as DynamicQuantizeMatMul, in the
@@ -44,9 +49,14 @@ fn quantize_dynamic_within(
     let settings = WeightSettings { per_channel: options.per_channel, reduce_range: options.effective_reduce_range() };
     let quantized_before = report.quantized.len();
     let mut bytes = (0, 0);
+    // The int8 weights this pass made, so that only its own nodes are regrouped below (not
+    // DynamicQuantizeMatMul nodes the model came with).
+    let mut made_weights: HashSet<String> = HashSet::new();
     let mut rewrite =
         |node: &NodeProto, weights: &LinearWeights, names: &mut NameGenerator, initializers: &mut Vec<TensorProto>| {
-            dynamic_quantize_matmul(node, weights, settings, names, initializers, &mut bytes)
+            let nodes = dynamic_quantize_matmul(node, weights, settings, names, initializers, &mut bytes);
+            made_weights.extend(nodes.iter().map(|n| n.input[1].clone()));
+            nodes
         };
     let replaced = rewrite_linear_nodes(graph, reach, &selection, &mut names, &mut report, &mut rewrite);
     if options.quantize_embeddings {
@@ -55,6 +65,13 @@ fn quantize_dynamic_within(
     let absorbed = absorb_bias_adds(graph);
     if absorbed > 0 {
         tracing::debug!(absorbed, "int8 dynamic: bias Adds moved into DynamicQuantizeMatMul");
+    }
+    if default_opset(model) >= DYNAMIC_QUANTIZE_LINEAR_SINCE {
+        let graph = model.graph.as_mut().ok_or(Int8Error::NoGraph)?;
+        let shared = share_activation_quantization(graph, &made_weights, &mut names);
+        if shared > 0 {
+            tracing::debug!(shared, "int8 dynamic: activations quantized once for several MatMulIntegerToFloat");
+        }
     }
     let (bytes_before, bytes_after) = bytes;
     report.weight_bytes_before += bytes_before;
@@ -127,3 +144,81 @@ fn absorb_bias_adds(graph: &mut GraphProto) -> usize {
     });
     merges.len()
 }
+
+/// DynamicQuantizeLinear joined the default domain at opset 11.
+const DYNAMIC_QUANTIZE_LINEAR_SINCE: i64 = 11;
+
+/// The model's default-domain opset (1 when it declares none, as ONNX reads it).
+fn default_opset(model: &ModelProto) -> i64 {
+    model.opset_import.iter().find(|o| o.domain().is_empty() || o.domain() == "ai.onnx").map_or(1, |o| o.version())
+}
+
+/// Where two or more DynamicQuantizeMatMul nodes that this pass made (their int8 weights are in
+/// `made_weights`) read the same activation, quantizes that activation once: one
+/// DynamicQuantizeLinear (uint8, one scale and zero point per run) placed before the first of
+/// them, and each becomes a com.microsoft.MatMulIntegerToFloat reading its codes, scale and zero
+/// point, with the same int8 weights, per-column scales and bias. Each DynamicQuantizeMatMul
+/// scans and quantizes its input on its own, so the query, key and value projections of a
+/// transformer layer quantized the same hidden state three times; ONNX Runtime's optimizer runs
+/// this form as it is (a lone DynamicQuantizeLinear + MatMulIntegerToFloat it fuses back into
+/// DynamicQuantizeMatMul, which is why single readers keep that op). Main graph only: the nodes
+/// made inside If/Loop/Scan bodies stay DynamicQuantizeMatMul. Returns how many activations
+/// are now shared.
+fn share_activation_quantization(
+    graph: &mut GraphProto,
+    made_weights: &HashSet<String>,
+    names: &mut NameGenerator,
+) -> usize {
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (position, node) in graph.node.iter().enumerate() {
+        if node.op_type() == "DynamicQuantizeMatMul"
+            && node.domain() == "com.microsoft"
+            && node.input.len() >= 3
+            && made_weights.contains(&node.input[1])
+            // A zero point of its own (the pass writes none) has no place in the shared form.
+            && node.input.get(3).is_none_or(|z| z.is_empty())
+        {
+            readers.entry(node.input[0].as_str()).or_default().push(position);
+        }
+    }
+    // Position of the first reader -> the DynamicQuantizeLinear to insert before it.
+    let mut quantizers: HashMap<usize, NodeProto> = HashMap::new();
+    // Reader position -> (codes, scale, zero point) it reads instead of the float activation.
+    let mut shared: HashMap<usize, [String; 3]> = HashMap::new();
+    for (activation, positions) in readers.into_iter().filter(|(_, p)| p.len() > 1) {
+        let base = names.fresh(&format!("{activation}_dynamic_quantize"));
+        let codes = names.fresh(&format!("{activation}_uint8"));
+        let scale = names.fresh(&format!("{activation}_scale"));
+        let zero_point = names.fresh(&format!("{activation}_zero_point"));
+        let mut quantizer = simple_node(base, "DynamicQuantizeLinear", vec![activation.to_owned()], codes.clone());
+        quantizer.output.extend([scale.clone(), zero_point.clone()]);
+        quantizers.insert(positions[0], quantizer);
+        for &position in &positions {
+            shared.insert(position, [codes.clone(), scale.clone(), zero_point.clone()]);
+        }
+    }
+    let count = quantizers.len();
+    let nodes = std::mem::take(&mut graph.node);
+    for (position, mut node) in nodes.into_iter().enumerate() {
+        if let Some(quantizer) = quantizers.remove(&position) {
+            graph.node.push(quantizer);
+        }
+        if let Some([codes, scale, zero_point]) = shared.remove(&position) {
+            // DynamicQuantizeMatMul (A, B, b_scale, b_zero_point, bias) ->
+            // MatMulIntegerToFloat (A, B, a_scale, b_scale, a_zero_point, b_zero_point, bias).
+            let bias = node.input.get(4).cloned().unwrap_or_default();
+            let (weight, weight_scale) = (node.input[1].clone(), node.input[2].clone());
+            node.op_type = Some("MatMulIntegerToFloat".to_owned());
+            node.input = vec![codes, weight, scale, weight_scale, zero_point, String::new()];
+            if !bias.is_empty() {
+                node.input.push(bias);
+            }
+        }
+        graph.node.push(node);
+    }
+    count
+}
+
+#[cfg(test)]
+#[path = "dynamic_tests.rs"]
+mod tests;

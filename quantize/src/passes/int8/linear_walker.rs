@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use super::options::{Int8Report, Selection, SkipReason};
 use crate::elem;
-use crate::graph::first_and_last_compute;
+use crate::graph::{first_and_last_compute, model_ends};
 use crate::onnx::{GraphProto, ModelProto, NodeProto, TensorProto};
 use crate::passes::canonicalize::constants_to_initializers;
 use crate::rewrite::{NameGenerator, drop_unread_initializers, ensure_opset};
@@ -139,7 +139,11 @@ fn rewrite_within(
     let in_subgraph = !outer.layers.is_empty();
     let mut replaced: HashSet<String> = HashSet::new();
     if reach == Reach::Everywhere || in_subgraph {
-        let (first, last) = if in_subgraph { Default::default() } else { first_and_last_compute(graph) };
+        let (first, last) = match (in_subgraph, selection.ends_only) {
+            (true, _) => Default::default(),
+            (false, true) => model_ends(graph),
+            (false, false) => first_and_last_compute(graph),
+        };
         let mut new_initializers = Vec::new();
         let scope = outer.nested(&graph.initializer);
         let mut rebuilt = Vec::with_capacity(graph.node.len());

@@ -7,6 +7,12 @@
 //!   one MLAS u8s8 GEMM without materialising the int32 product: measured with
 //!   `scripts/time_dynamic_forms.py`, the standard-ops form is 1.03-1.24x slower at
 //!   ORT_ENABLE_BASIC and within noise at ORT_ENABLE_ALL (where ONNX Runtime fuses it back).
+//!   Where several such nodes read one activation (an attention block's query, key and value
+//!   projections), one DynamicQuantizeLinear quantizes it for all of them and each becomes
+//!   `com.microsoft.MatMulIntegerToFloat`: the form ONNX Runtime's own optimizer leaves from
+//!   its quantize_dynamic output (`scripts/corpus/dynamic_forms.py` counts both graphs' ops).
+//!   In dynamic mode the first/last-layer rule keeps only the model's ends FP32
+//!   ([`crate::graph::model_ends`]).
 //!   Conv is left in FP32: ConvInteger has no fast kernel.
 //! - Static (QDQ): QuantizeLinear/DequantizeLinear pairs around Conv/MatMul/Gemm and the ops
 //!   between them, placed so ONNX Runtime fuses them into QLinearConv/QLinearMatMul; see

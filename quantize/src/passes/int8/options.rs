@@ -62,7 +62,13 @@ pub struct Int8Options {
     /// CPU that builds the variant: 7-bit unless it has AVX512-VNNI or AVX-VNNI.
     pub reduce_range: Option<bool>,
     pub activation_type: ActivationType,
-    /// The first and last compute layers stay FP32.
+    /// The first and last compute layers stay FP32. In dynamic mode only those at the model's
+    /// boundary count (see [`crate::graph::model_ends`]): a first MatMul reading a join of
+    /// embedding lookups, or a last one whose result joins a residual sum, is quantized, as
+    /// ONNX Runtime's quantize_dynamic does. On MiniLM-L6 those are the first block's query,
+    /// key and value projections and the last feed-forward projection; quantizing them left the
+    /// output cosine where it was (0.9900 -> 0.9902) and let every projection run on integer
+    /// kernels (scripts/corpus/dynamic_forms.py).
     pub keep_first_and_last_layers: bool,
     /// Operators to quantize (empty: all supported by the mode).
     pub op_types_include: Vec<String>,
@@ -205,6 +211,8 @@ pub(super) struct Selection {
     exclude: HashSet<String>,
     nodes: Vec<(String, Regex)>,
     keep_first_and_last: bool,
+    /// Which first/last compute nodes the rule means: all of them, or only the model's ends.
+    pub(super) ends_only: bool,
 }
 
 impl Selection {
@@ -223,6 +231,7 @@ impl Selection {
             exclude: options.op_types_exclude.iter().cloned().collect(),
             nodes,
             keep_first_and_last: options.keep_first_and_last_layers,
+            ends_only: options.mode == Int8Mode::Dynamic,
         })
     }
 
