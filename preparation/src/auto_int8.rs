@@ -130,6 +130,9 @@ pub fn quantize_auto(
     };
     let mut candidates = Vec::new();
     let mut built: Vec<Option<Built>> = Vec::new();
+    // A form that quantized nothing is the FP32 model with the pass's notes: kept aside, it is
+    // the answer when no form quantizes anything (as in the other modes, not an error).
+    let mut unchanged: Option<Built> = None;
     for mode in [Int8Mode::Dynamic, Int8Mode::Static] {
         let form = if mode == Int8Mode::Dynamic { "dynamic" } else { "static" };
         if mode == Int8Mode::Static && job.options.calibration_data.is_none() {
@@ -141,6 +144,7 @@ pub fn quantize_auto(
             Ok(form_built) if form_built.outcome.report.quantized.is_empty() => {
                 candidates.push(unbuilt(form, "quantized nothing"));
                 built.push(None);
+                unchanged.get_or_insert(form_built);
             }
             Ok(form_built) => {
                 candidates.push(CandidateFacts {
@@ -166,6 +170,14 @@ pub fn quantize_auto(
     judge_drift(environment, model, &budget, &mut candidates, &built)?;
     time_forms(environment, model, &budget, timing, &mut candidates, &built)?;
     let cpu = cpu_signature();
+    let nothing_to_quantize = built.iter().all(Option::is_none)
+        && candidates.iter().all(|c| matches!(c.note.as_deref(), Some("quantized nothing" | "no calibration_data")));
+    if let (true, Some(Built { model: same, outcome })) = (nothing_to_quantize, unchanged) {
+        *model = same;
+        let reason = "no form quantizes anything in this model; it stays FP32 (see the notes)".to_owned();
+        tracing::info!(variant = job.label, "mode auto: {reason}");
+        return Ok((outcome, AutoFacts { chosen: "none".to_owned(), reason, cpu, candidates }));
+    }
     let Some(winner) = choose(&candidates).map(|c| c.form.clone()) else {
         let figures = candidates
             .iter()

@@ -109,3 +109,18 @@ def test_the_server_builds_int8_without_a_mode_as_auto(tmp_path):
         assert float(parameters["drift_y_cosine"]) >= 0.99, parameters
     finally:
         server.stop()
+
+
+def test_auto_on_a_model_with_nothing_to_quantize_keeps_it_with_the_notes(tmp_path):
+    # An already-quantized model: every form leaves it alone, which is not an error.
+    quantized = tmp_path / "dynamic.onnx"
+    args = [str(BIN), "quantize", str(FIXTURE / "model.onnx"), "--precision", "int8", "--mode", "dynamic", "-o", str(quantized)]
+    assert subprocess.run(args, capture_output=True, text=True, timeout=120, env=ENV).returncode == 0
+    out = tmp_path / "again.onnx"
+    args = [str(BIN), "quantize", str(quantized), "--precision", "int8", "--mode", "auto", "--calibration-data",
+            str(FIXTURE / "calibration"), "--holdout", str(FIXTURE / "holdout.npz"), "--budget-cosine", "0.99", "-o", str(out)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = ANSI.sub("", result.stdout)
+    assert "(int8 auto: none)" in summary and "no form quantizes anything" in summary, summary
+    assert "note: " in summary, summary
