@@ -178,6 +178,20 @@ pub fn quantize_auto(
         tracing::info!(variant = job.label, "mode auto: {reason}");
         return Ok((outcome, AutoFacts { chosen: "none".to_owned(), reason, cpu, candidates }));
     }
+    // Under `on_budget_miss: serve_flagged` the static form falls back to its plain recipe
+    // when the search fails; with no form within the budget, that one serves, flagged.
+    let flagged = built.iter().position(|b| b.as_ref().is_some_and(|b| b.outcome.fallback.is_some()));
+    if let (None, Some(index)) = (choose(&candidates), flagged)
+        && let Some(Built { model: quantized, outcome }) = built.swap_remove(index)
+    {
+        *model = quantized;
+        let form = candidates[index].form.clone();
+        let reason = format!(
+            "no form meets the budget; the {form} form's plain recipe serves flagged (on_budget_miss: serve_flagged)"
+        );
+        tracing::warn!(variant = job.label, "mode auto: {reason}");
+        return Ok((outcome, AutoFacts { chosen: form, reason, cpu, candidates }));
+    }
     let Some(winner) = choose(&candidates).map(|c| c.form.clone()) else {
         let figures = candidates
             .iter()

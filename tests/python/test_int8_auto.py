@@ -124,3 +124,24 @@ def test_auto_on_a_model_with_nothing_to_quantize_keeps_it_with_the_notes(tmp_pa
     summary = ANSI.sub("", result.stdout)
     assert "(int8 auto: none)" in summary and "no form quantizes anything" in summary, summary
     assert "note: " in summary, summary
+
+
+def test_a_budget_no_form_meets_serves_flagged_when_the_policy_says_so(tmp_path):
+    # Dynamic misses (cosine ~0.23 on the outlier fixture) and the search may keep no node
+    # FP32, so the static search fails too: under serve_flagged the static plain recipe serves.
+    store = tmp_path / "store"
+    shutil.copytree(FIXTURE, store / "outlier_mlp")
+    policy = (FIXTURE / "policy.yaml").read_text().replace("      mode: static\n", "")
+    policy = policy.replace("    min_cosine: 0.99\n", "    min_cosine: 0.99\n    max_fp32_fraction: 0.0\n  on_budget_miss: serve_flagged\n")
+    (store / "outlier_mlp" / "policy.yaml").write_text(policy)
+    server = start_server(store)
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        config = client.get_model_config("outlier_mlp", "int8", as_json=True)["config"]
+        parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
+        assert parameters["int8_auto_chosen"] == "static", parameters
+        assert "serve_flagged" in parameters["int8_auto_reason"], parameters
+        assert parameters["drift_budget"].startswith("missed"), parameters
+        assert client.is_model_ready("outlier_mlp", "int8")
+    finally:
+        server.stop()
