@@ -4,8 +4,8 @@
 //! Which form is fastest depends on the model and the CPU: dynamic quantization suits MatMul
 //! models and leaves Conv in FP32; static QDQ runs Conv and MatMul on integer kernels but pays
 //! for Q/DQ around every float op between them; VNNI CPUs and AVX2-only CPUs rank them
-//! differently. So auto builds the forms that apply (dynamic always; static U8S8 through the
-//! budget search when calibration data is given), measures each one's drift on the holdout
+//! differently. So auto builds the forms that apply (dynamic always, static U8S8 when
+//! calibration data is given, each through its budget search), measures each one's drift on the holdout
 //! data, times each beside FP32 with the variant's own threads and batch sizes, and keeps the
 //! fastest form within the budget. Without a budget (no holdout data to judge a form by) it
 //! builds the dynamic form only: the one that needs neither calibration nor an accuracy check
@@ -23,6 +23,7 @@ use mantissa_runtime::{
 };
 
 use crate::accuracy::{Measures, compare_runs};
+use crate::dynamic_search::search_dynamic;
 use crate::error::PrepareError;
 use crate::facts::{AutoFacts, CandidateFacts};
 use crate::int8::{Int8Job, Int8Outcome, quantize_int8};
@@ -128,45 +129,7 @@ pub fn quantize_auto(
         let (outcome, facts) = dynamic_only(model, job, "no drift budget to judge the other forms by")?;
         return Ok((outcome, facts));
     };
-    let mut candidates = Vec::new();
-    let mut built: Vec<Option<Built>> = Vec::new();
-    // A form that quantized nothing is the FP32 model with the pass's notes: kept aside, it is
-    // the answer when no form quantizes anything (as in the other modes, not an error).
-    let mut unchanged: Option<Built> = None;
-    for mode in [Int8Mode::Dynamic, Int8Mode::Static] {
-        let form = if mode == Int8Mode::Dynamic { "dynamic" } else { "static" };
-        if mode == Int8Mode::Static && job.options.calibration_data.is_none() {
-            candidates.push(unbuilt(form, "no calibration_data"));
-            built.push(None);
-            continue;
-        }
-        match build_form(environment, model, job, mode) {
-            Ok(form_built) if form_built.outcome.report.quantized.is_empty() => {
-                candidates.push(unbuilt(form, "quantized nothing"));
-                built.push(None);
-                unchanged.get_or_insert(form_built);
-            }
-            Ok(form_built) => {
-                candidates.push(CandidateFacts {
-                    form: form.to_owned(),
-                    speedups: Vec::new(),
-                    cosine: None,
-                    meets_budget: false,
-                    bytes: to_bytes(&form_built.model).len() as u64,
-                    note: form_built
-                        .outcome
-                        .search
-                        .as_ref()
-                        .map(|s| format!("{} of its nodes kept FP32", s.kept_fp32.len())),
-                });
-                built.push(Some(form_built));
-            }
-            Err(err) => {
-                candidates.push(unbuilt(form, &err.to_string()));
-                built.push(None);
-            }
-        }
-    }
+    let (mut candidates, mut built, unchanged) = build_candidates(environment, model, job);
     judge_drift(environment, model, &budget, &mut candidates, &built)?;
     time_forms(environment, model, &budget, timing, &mut candidates, &built)?;
     let cpu = cpu_signature();
@@ -227,6 +190,56 @@ pub fn quantize_auto(
     Ok((outcome, facts))
 }
 
+/// Every form that applies, built: its facts so far, the built model (`None` when it was not
+/// built or quantized nothing), and the first form that quantized nothing (the FP32 model with
+/// the pass's notes).
+fn build_candidates(
+    environment: &Environment,
+    model: &ModelProto,
+    job: &Int8Job<'_>,
+) -> (Vec<CandidateFacts>, Vec<Option<Built>>, Option<Built>) {
+    let mut candidates = Vec::new();
+    let mut built: Vec<Option<Built>> = Vec::new();
+    // A form that quantized nothing is kept aside: it is the answer when no form quantizes
+    // anything (as in the other modes, not an error).
+    let mut unchanged: Option<Built> = None;
+    for mode in [Int8Mode::Dynamic, Int8Mode::Static] {
+        let form = if mode == Int8Mode::Dynamic { "dynamic" } else { "static" };
+        if mode == Int8Mode::Static && job.options.calibration_data.is_none() {
+            candidates.push(unbuilt(form, "no calibration_data"));
+            built.push(None);
+            continue;
+        }
+        match build_form(environment, model, job, mode) {
+            Ok(form_built) if form_built.outcome.report.quantized.is_empty() => {
+                candidates.push(unbuilt(form, "quantized nothing"));
+                built.push(None);
+                unchanged.get_or_insert(form_built);
+            }
+            Ok(form_built) => {
+                candidates.push(CandidateFacts {
+                    form: form.to_owned(),
+                    speedups: Vec::new(),
+                    cosine: None,
+                    meets_budget: false,
+                    bytes: to_bytes(&form_built.model).len() as u64,
+                    note: form_built
+                        .outcome
+                        .search
+                        .as_ref()
+                        .map(|s| format!("{} of its nodes kept FP32", s.kept_fp32.len())),
+                });
+                built.push(Some(form_built));
+            }
+            Err(err) => {
+                candidates.push(unbuilt(form, &err.to_string()));
+                built.push(None);
+            }
+        }
+    }
+    (candidates, built, unchanged)
+}
+
 fn unbuilt(form: &str, why: &str) -> CandidateFacts {
     CandidateFacts {
         form: form.to_owned(),
@@ -271,9 +284,11 @@ fn build_form(
 ) -> Result<Built, PrepareError> {
     let options = Int8Options { mode, ..job.options.clone() };
     let label = format!("{} ({})", job.label, mode.label());
-    // The dynamic form is judged against the budget here; only the static one searches.
-    let budget = if mode == Int8Mode::Static { job.budget } else { None };
-    let form_job = Int8Job { options: &options, label: &label, budget };
+    if let (Int8Mode::Dynamic, Some(budget)) = (mode, job.budget) {
+        let (form, report, search) = search_dynamic(environment, model, &options, &budget, &label)?;
+        return Ok(Built { model: form, outcome: Int8Outcome { search, ..Int8Outcome::plain(report) } });
+    }
+    let form_job = Int8Job { options: &options, label: &label, budget: job.budget };
     let mut form = model.clone();
     let outcome = quantize_int8(environment, &mut form, &form_job)?;
     Ok(Built { model: form, outcome })

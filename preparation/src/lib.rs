@@ -4,7 +4,7 @@
 //! - [`build`]: parse the model and run the variant's precision pass ([`build_variant`]);
 //! - [`int8`]: the INT8 step (dynamic, weight-only, or static: calibrate, then search);
 //! - [`auto_int8`]: `mode: auto`, the fastest of the forms [`int8`] builds that meets the budget,
-//!   timed on this CPU;
+//!   timed on this CPU, the dynamic form through its own budget search ([`dynamic_search`]);
 //! - [`calibrate`]: static calibration on sample data, each sample run once through the graph's
 //!   segments ([`segmented`]; tensor groups where a model cannot be cut);
 //! - [`search`]: the accuracy-budget search that keeps the most sensitive nodes FP32, ranking
@@ -29,6 +29,7 @@ pub mod build;
 pub mod cache;
 pub mod cached;
 pub mod calibrate;
+pub(crate) mod dynamic_search;
 pub mod error;
 pub mod facts;
 pub mod int8;

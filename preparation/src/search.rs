@@ -93,7 +93,7 @@ pub struct SearchReport {
 }
 
 /// Scores candidate models against FP32 outputs computed once on the holdout samples.
-struct Evaluator<'a> {
+pub(crate) struct Evaluator<'a> {
     environment: &'a Environment,
     samples: Vec<InferenceRequest>,
     reference: Vec<Vec<OutputTensor>>,
@@ -101,7 +101,7 @@ struct Evaluator<'a> {
 }
 
 impl<'a> Evaluator<'a> {
-    fn new(
+    pub(crate) fn new(
         environment: &'a Environment,
         fp32: &ModelProto,
         holdout: &Path,
@@ -122,7 +122,7 @@ impl<'a> Evaluator<'a> {
         Ok(Self { environment, samples, reference, measures })
     }
 
-    fn score(&self, model: &ModelProto) -> Result<DriftReport, PrepareError> {
+    pub(crate) fn score(&self, model: &ModelProto) -> Result<DriftReport, PrepareError> {
         let (mut session, signature) = open_internal_session(self.environment, model)?;
         compare_runs(
             &self.samples,
