@@ -18,16 +18,15 @@ use mantissa_quantize::passes::int8::{Int8Mode, Int8Options, Int8Report};
 use mantissa_quantize::to_bytes;
 use mantissa_runtime::samples::{load_sample, sample_files};
 use mantissa_runtime::{
-    Environment, InferenceRequest, InputTensor, ModelSource, SessionConfig, TensorData, execute, open_session,
-    signature_of,
+    Environment, InferenceRequest, InputTensor, SessionConfig, TensorData, execute, open_internal_session_with,
 };
 
-use crate::accuracy::{Measures, compare_runs};
+use crate::accuracy::Measures;
 use crate::dynamic_search::search_dynamic;
 use crate::error::PrepareError;
 use crate::facts::{AutoFacts, CandidateFacts};
 use crate::int8::{Int8Job, Int8Outcome, quantize_int8};
-use crate::search::BudgetSearch;
+use crate::search::{BudgetSearch, Evaluator};
 
 /// How the forms are timed: as the variant will serve them.
 #[derive(Debug, Clone, PartialEq)]
@@ -294,13 +293,14 @@ fn build_form(
     Ok(Built { model: form, outcome })
 }
 
-fn internal_session(
+/// A session with the variant's threads (the timing runs as serving will).
+fn timing_session(
     environment: &Environment,
     model: &ModelProto,
     threads: u32,
-) -> Result<mantissa_runtime::Session, PrepareError> {
-    let config = SessionConfig { intra_op_threads: threads, intra_op_spinning: false, cpu_memory_arena: true };
-    Ok(open_session(environment, &ModelSource::Memory(to_bytes(model).into()), config)?)
+) -> Result<(mantissa_runtime::Session, mantissa_runtime::ModelSignature), PrepareError> {
+    let config = SessionConfig { intra_op_threads: threads, ..SessionConfig::INTERNAL };
+    Ok(open_internal_session_with(environment, model, config)?)
 }
 
 /// Drift of every built form against FP32 on the holdout data.
@@ -311,26 +311,11 @@ fn judge_drift(
     candidates: &mut [CandidateFacts],
     built: &[Option<Built>],
 ) -> Result<(), PrepareError> {
-    let mut reference = internal_session(environment, fp32, 0)?;
-    let signature = signature_of(&reference, Some(0), 0)?;
-    let mut samples = Vec::new();
-    for file in sample_files(budget.holdout)? {
-        let mut sample = load_sample(&file, &signature)?;
-        sample.outputs = (0..signature.outputs.len()).collect();
-        samples.push(sample);
-    }
-    let expected: Vec<_> = samples.iter().map(|s| execute(&mut reference, &signature, s)).collect::<Result<_, _>>()?;
-    drop(reference);
+    let measures = Measures { class_outputs: budget.class_outputs, parts: Some(&budget.budget.parts) };
+    let evaluator = Evaluator::new(environment, fp32, budget.holdout, measures)?;
     for (candidate, form) in candidates.iter_mut().zip(built) {
         let Some(form) = form else { continue };
-        let mut session = internal_session(environment, &form.model, 0)?;
-        let measures = Measures { class_outputs: budget.class_outputs, parts: Some(&budget.budget.parts) };
-        let report = compare_runs(
-            &samples,
-            measures,
-            |index, _| Ok::<_, PrepareError>(std::borrow::Cow::Borrowed(expected[index].as_slice())),
-            |_, sample| execute(&mut session, &signature, sample).map_err(PrepareError::from),
-        )?;
+        let report = evaluator.score(&form.model)?;
         candidate.cosine = Some(report.worst_cosine());
         let fell_back = form.outcome.fallback.is_some();
         candidate.meets_budget = !fell_back && report.meets(budget.budget);
@@ -381,12 +366,12 @@ fn time_forms(
     if eligible.is_empty() {
         return Ok(());
     }
-    let mut sessions = vec![internal_session(environment, fp32, timing.intra_op_threads)?];
+    let (reference, signature) = timing_session(environment, fp32, timing.intra_op_threads)?;
+    let mut sessions = vec![reference];
     for &index in &eligible {
         let Some(form) = &built[index] else { continue };
-        sessions.push(internal_session(environment, &form.model, timing.intra_op_threads)?);
+        sessions.push(timing_session(environment, &form.model, timing.intra_op_threads)?.0);
     }
-    let signature = signature_of(&sessions[0], Some(0), 0)?;
     let file = sample_files(budget.holdout)?
         .into_iter()
         .next()

@@ -87,28 +87,36 @@ def test_auto_without_a_budget_is_the_dynamic_form(tmp_path):
     assert "QuantizeLinear" not in ops, ops
 
 
-def test_the_server_builds_int8_without_a_mode_as_auto(tmp_path):
+def served_int8_parameters(tmp_path: Path, edit_policy) -> tuple[dict[str, str], bool]:
+    """Serves the fixture with its policy's `mode: static` removed (so the int8 variant is
+    auto) and `edit_policy` applied; returns the int8 variant's ModelConfig parameters and
+    whether it is ready."""
     store = tmp_path / "store"
     shutil.copytree(FIXTURE, store / "outlier_mlp")
     policy = (FIXTURE / "policy.yaml").read_text().replace("      mode: static\n", "")
-    policy = policy.replace("variants:\n", "serving:\n  intra_op_threads: 1\n  max_batch_size: 4\nvariants:\n")
-    (store / "outlier_mlp" / "policy.yaml").write_text(policy)
+    (store / "outlier_mlp" / "policy.yaml").write_text(edit_policy(policy))
     server = start_server(store)
     try:
         client = grpcclient.InferenceServerClient(server.grpc_url)
         config = client.get_model_config("outlier_mlp", "int8", as_json=True)["config"]
         parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
-        assert parameters["int8_mode"] == "auto", parameters
-        assert parameters["int8_auto_chosen"] in ("dynamic", "static"), parameters
-        candidates = parameters["int8_auto_candidates"]
-        assert "dynamic:" in candidates and "static:" in candidates, candidates
-        # Timed at batch 1 and the variant's max_batch_size.
-        chosen = next(c for c in candidates.split(" | ") if c.startswith(parameters["int8_auto_chosen"] + ":"))
-        assert "b1=" in chosen and "b4=" in chosen and "budget=met" in chosen, candidates
-        assert parameters["drift_budget"] == "met", parameters
-        assert float(parameters["drift_y_cosine"]) >= 0.99, parameters
+        return parameters, client.is_model_ready("outlier_mlp", "int8")
     finally:
         server.stop()
+
+
+def test_the_server_builds_int8_without_a_mode_as_auto(tmp_path):
+    parameters, _ = served_int8_parameters(
+        tmp_path, lambda p: p.replace("variants:\n", "serving:\n  intra_op_threads: 1\n  max_batch_size: 4\nvariants:\n"))
+    assert parameters["int8_mode"] == "auto", parameters
+    assert parameters["int8_auto_chosen"] in ("dynamic", "static"), parameters
+    candidates = parameters["int8_auto_candidates"]
+    assert "dynamic:" in candidates and "static:" in candidates, candidates
+    # Timed at batch 1 and the variant's max_batch_size.
+    chosen = next(c for c in candidates.split(" | ") if c.startswith(parameters["int8_auto_chosen"] + ":"))
+    assert "b1=" in chosen and "b4=" in chosen and "budget=met" in chosen, candidates
+    assert parameters["drift_budget"] == "met", parameters
+    assert float(parameters["drift_y_cosine"]) >= 0.99, parameters
 
 
 def test_auto_on_a_model_with_nothing_to_quantize_keeps_it_with_the_notes(tmp_path):
@@ -129,22 +137,12 @@ def test_auto_on_a_model_with_nothing_to_quantize_keeps_it_with_the_notes(tmp_pa
 def test_a_budget_no_form_meets_serves_flagged_when_the_policy_says_so(tmp_path):
     # Dynamic misses (cosine ~0.23 on the outlier fixture) and the search may keep no node
     # FP32, so the static search fails too: under serve_flagged the static plain recipe serves.
-    store = tmp_path / "store"
-    shutil.copytree(FIXTURE, store / "outlier_mlp")
-    policy = (FIXTURE / "policy.yaml").read_text().replace("      mode: static\n", "")
-    policy = policy.replace("    min_cosine: 0.99\n", "    min_cosine: 0.99\n    max_fp32_fraction: 0.0\n  on_budget_miss: serve_flagged\n")
-    (store / "outlier_mlp" / "policy.yaml").write_text(policy)
-    server = start_server(store)
-    try:
-        client = grpcclient.InferenceServerClient(server.grpc_url)
-        config = client.get_model_config("outlier_mlp", "int8", as_json=True)["config"]
-        parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
-        assert parameters["int8_auto_chosen"] == "static", parameters
-        assert "serve_flagged" in parameters["int8_auto_reason"], parameters
-        assert parameters["drift_budget"].startswith("missed"), parameters
-        assert client.is_model_ready("outlier_mlp", "int8")
-    finally:
-        server.stop()
+    parameters, ready = served_int8_parameters(tmp_path, lambda p: p.replace(
+        "    min_cosine: 0.99\n", "    min_cosine: 0.99\n    max_fp32_fraction: 0.0\n  on_budget_miss: serve_flagged\n"))
+    assert parameters["int8_auto_chosen"] == "static", parameters
+    assert "serve_flagged" in parameters["int8_auto_reason"], parameters
+    assert parameters["drift_budget"].startswith("missed"), parameters
+    assert ready
 
 
 def test_the_dynamic_form_meets_the_budget_through_its_own_search(tmp_path):
