@@ -189,6 +189,7 @@ fn observe_segmented(
 ) -> Result<usize, SegmentedFailure> {
     let first = |reason| SegmentedFailure { on_first_sample: true, reason: Box::new(reason) };
     let inputs: Vec<String> = yardstick.signature.inputs.iter().map(|spec| spec.name.clone()).collect();
+    let _arena = mantissa_runtime::SharedArena::acquire(environment).map_err(|err| first(err.into()))?;
     let mut observer =
         SegmentedObserver::new(environment, job.model, job.tensors, &inputs, yardstick.budget_bytes).map_err(first)?;
     let mut visit = |name: &str, bytes: &[u8]| {

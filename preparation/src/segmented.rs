@@ -17,8 +17,8 @@ use std::collections::{HashMap, HashSet};
 use mantissa_quantize::onnx::ModelProto;
 use mantissa_quantize::split::Splitter;
 use mantissa_runtime::{
-    Environment, InferenceRequest, InputTensor, ModelSignature, Session, SessionConfig, TensorData,
-    execute_visit_tensors, open_internal_session_with,
+    Environment, HeldTensor, InferenceRequest, ModelSignature, Session, SessionConfig, TensorData, execute_link,
+    open_internal_session_with,
 };
 
 use crate::error::PrepareError;
@@ -99,7 +99,7 @@ impl<'m> SegmentedObserver<'m> {
             .segment(start, &remaining[..take.min(remaining.len())])
             .map_err(|err| PrepareError::Observation(err.to_string()))?;
         let (session, signature) =
-            open_internal_session_with(self.environment, &segment.model, SessionConfig::INTERNAL_WITHOUT_ARENA)?;
+            open_internal_session_with(self.environment, &segment.model, SessionConfig::INTERNAL_SHARED_ARENA)?;
         self.segments.push(OpenSegment { session, signature, end });
         Ok(Some(()))
     }
@@ -113,57 +113,42 @@ impl<'m> SegmentedObserver<'m> {
         sample: InferenceRequest,
         visit: &mut impl FnMut(&str, &[u8]),
     ) -> Result<(), PrepareError> {
-        let mut live: HashMap<String, InputTensor> =
-            input_signature.inputs.iter().map(|spec| spec.name.clone()).zip(sample.inputs).collect();
-        for name in &self.wanted_inputs {
-            if let Some(InputTensor { data: TensorData::Raw(bytes), .. }) = live.get(name) {
-                visit(name, bytes);
+        for (spec, tensor) in input_signature.inputs.iter().zip(&sample.inputs) {
+            if let (true, TensorData::Raw(bytes)) = (self.wanted_inputs.contains(&spec.name), &tensor.data) {
+                visit(&spec.name, bytes);
             }
         }
+        let fail = |source| PrepareError::Sample { path: sample.id.clone(), source };
+        let mut live: HashMap<String, HeldTensor> = input_signature
+            .inputs
+            .iter()
+            .zip(&sample.inputs)
+            .map(|(spec, tensor)| Ok((spec.name.clone(), HeldTensor::from_input(tensor).map_err(fail)?)))
+            .collect::<Result<_, PrepareError>>()?;
         let mut start = 0;
         for index in 0.. {
             if index == self.segments.len() && self.open_next(start)?.is_none() {
                 break;
             }
             let segment = &mut self.segments[index];
-            let inputs = segment
-                .signature
-                .inputs
-                .iter()
-                .map(|spec| {
-                    live.get(&spec.name).cloned().ok_or_else(|| {
-                        PrepareError::Observation(format!(
-                            "segment {index} reads '{}', which nothing computed",
-                            spec.name
-                        ))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let request = InferenceRequest {
-                id: sample.id.clone(),
-                inputs,
-                outputs: (0..segment.signature.outputs.len()).collect(),
-            };
             let end = segment.end;
-            let mut handed_on = Vec::new();
             let mut largest = self.largest;
-            execute_visit_tensors(&mut segment.session, &segment.signature, &request, |spec, shape, bytes| {
-                largest = largest.max(bytes.len());
-                if self.wanted.contains(&spec.name) {
-                    visit(&spec.name, bytes);
-                }
-                if self.last_read.get(&spec.name).is_some_and(|&at| at >= end) {
-                    let tensor = InputTensor {
-                        datatype: spec.datatype,
-                        shape: shape.to_vec(),
-                        data: TensorData::Raw(bytes.to_vec()),
-                    };
-                    handed_on.push((spec.name.clone(), tensor));
-                }
-            })
-            .map_err(|source| PrepareError::Sample { path: sample.id.clone(), source })?;
+            let read_later = |name: &str| self.last_read.get(name).is_some_and(|&at| at >= end);
+            let handed_on = execute_link(
+                &mut segment.session,
+                &segment.signature,
+                |name| live.get(name),
+                |spec, bytes| {
+                    largest = largest.max(bytes.len());
+                    if self.wanted.contains(&spec.name) {
+                        visit(&spec.name, bytes);
+                    }
+                },
+                read_later,
+            )
+            .map_err(fail)?;
             self.largest = largest;
-            live.retain(|name, _| self.last_read.get(name).is_some_and(|&at| at >= end));
+            live.retain(|name, _| read_later(name));
             live.extend(handed_on);
             start = end;
         }

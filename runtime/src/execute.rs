@@ -24,7 +24,7 @@ pub struct RunTimings {
     pub output: Duration,
 }
 
-fn input_value(input: &InputTensor) -> Result<DynValue, ort::Error> {
+pub(crate) fn input_value(input: &InputTensor) -> Result<DynValue, ort::Error> {
     match &input.data {
         TensorData::Raw(raw) => {
             let mut tensor = DynTensor::new(&Allocator::default(), input.datatype.to_onnx(), input.shape.clone())?;
@@ -144,14 +144,7 @@ pub fn execute_visit_tensors(
         let value = outputs.get(&spec.name).ok_or_else(|| fail("missing from the run".to_owned()))?;
         let tensor = value.view().downcast::<ort::value::DynTensorValueType>().map_err(|err| fail(err.to_string()))?;
         let shape: Vec<i64> = tensor.shape().iter().copied().collect();
-        let size = tensor.size().unwrap_or(0);
-        let pointer = tensor.data_ptr().cast::<u8>();
-        let bytes: &[u8] = if size > 0 && !pointer.is_null() {
-            // SAFETY: a CPU tensor's buffer holds `size` bytes and lives as long as `outputs`.
-            unsafe { std::slice::from_raw_parts(pointer, size) }
-        } else {
-            &[]
-        };
+        let bytes = crate::chain::tensor_bytes(value).map_err(fail)?;
         visit(spec, &shape, bytes);
     }
     Ok(())

@@ -13,6 +13,7 @@
 //! - [`error`]: the one error type, [`RuntimeError`].
 
 pub mod bytes_layout;
+pub mod chain;
 pub mod datatype;
 pub mod environment;
 pub mod error;
@@ -20,14 +21,19 @@ pub mod execute;
 pub mod memory;
 pub mod samples;
 pub mod session;
+pub mod shared_arena;
 pub mod signature;
 pub mod tensor;
 
+pub use chain::{HeldTensor, execute_link};
 pub use datatype::DataType;
 pub use environment::{OrtSetupError, load_environment};
 pub use error::RuntimeError;
 pub use execute::{RunTimings, execute, execute_timed, execute_visit, execute_visit_tensors, warmup_request};
-pub use session::{ModelSource, SessionConfig, open_internal_session, open_internal_session_with, open_session};
+pub use session::{
+    CpuMemory, ModelSource, SessionConfig, open_internal_session, open_internal_session_with, open_session,
+};
+pub use shared_arena::SharedArena;
 pub use signature::{ModelSignature, TensorSpec, signature_of};
 pub use tensor::{InferenceRequest, InputTensor, OutputTensor, TensorData};
 

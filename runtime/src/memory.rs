@@ -35,11 +35,11 @@ pub fn release_free_memory() {
 
 /// While alive, blocks of 128 KiB and more are mapped and unmapped one by one instead of being
 /// carved from the allocator's heaps (glibc's default raises that threshold to the size of
-/// the largest block freed, up to 32 MiB). Calibration frees and allocates activations of a
-/// few MiB on every run; carved from the heap, they fragment it and the resident peak climbs
-/// run after run (3.4x FP32 inference measured on a model of 8 MiB activations, 1.7x mapped).
-/// On drop the threshold is set to 32 MiB, where glibc's own adjustment would have taken it.
-/// A no-op outside glibc.
+/// the largest block freed, up to 32 MiB). Calibration's activations live in ONNX Runtime's
+/// shared arena ([`crate::SharedArena`]); what is left on malloc (sample files, the arena's
+/// own chunks) is few and large, and carved from the heap it fragments it so that the
+/// resident peak climbs sample after sample. On drop the threshold is set to 32 MiB, where
+/// glibc's own adjustment would have taken it. A no-op outside glibc.
 pub struct MapLargeBlocks(());
 
 impl MapLargeBlocks {

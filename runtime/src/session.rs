@@ -27,19 +27,30 @@ pub struct SessionConfig {
     pub intra_op_threads: u32,
     /// Let idle intra-op threads spin (ONNX Runtime's default) instead of sleeping.
     pub intra_op_spinning: bool,
-    /// Keep ONNX Runtime's CPU memory arena (its default): fast reuse across runs, but the
-    /// arena keeps its peak for the session's life. Calibration, which holds several sessions
-    /// of one model at once, turns it off so each run hands its memory back.
-    pub cpu_memory_arena: bool,
+    /// Where the session's CPU tensors come from.
+    pub cpu_memory: CpuMemory,
+}
+
+/// Where a session's CPU tensors come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuMemory {
+    /// ONNX Runtime's default: an arena of the session's own, fast reuse across runs, which
+    /// keeps its peak for the session's life.
+    OwnArena,
+    /// The arena registered on the environment while a [`crate::SharedArena`] is held: many
+    /// sessions alive at once (calibration's segments) hold one peak between them. Opening
+    /// such a session without a guard alive falls back to ONNX Runtime's own allocator.
+    SharedArena,
 }
 
 impl SessionConfig {
     /// For internal work (calibration, drift checks, the budget search, analysis): ONNX
     /// Runtime picks the threads, idle threads sleep.
     pub const INTERNAL: SessionConfig =
-        SessionConfig { intra_op_threads: 0, intra_op_spinning: false, cpu_memory_arena: true };
-    /// [`Self::INTERNAL`] without the memory arena.
-    pub const INTERNAL_WITHOUT_ARENA: SessionConfig = SessionConfig { cpu_memory_arena: false, ..Self::INTERNAL };
+        SessionConfig { intra_op_threads: 0, intra_op_spinning: false, cpu_memory: CpuMemory::OwnArena };
+    /// [`Self::INTERNAL`] on the shared arena.
+    pub const INTERNAL_SHARED_ARENA: SessionConfig =
+        SessionConfig { cpu_memory: CpuMemory::SharedArena, ..Self::INTERNAL };
 }
 
 pub fn open_session(
@@ -60,10 +71,8 @@ pub fn open_session(
     builder = builder
         .with_intra_op_spinning(config.intra_op_spinning)
         .map_err(|err| RuntimeError::Session(err.to_string()))?;
-    if !config.cpu_memory_arena {
-        builder = builder
-            .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
-            .map_err(|err| RuntimeError::Session(err.to_string()))?;
+    if config.cpu_memory == CpuMemory::SharedArena {
+        builder = builder.with_env_allocators().map_err(|err| RuntimeError::Session(err.to_string()))?;
     }
     match model {
         ModelSource::File(path) => builder.commit_from_file(path).map_err(describe),

@@ -470,7 +470,7 @@ async fn run_in_process(
         session: SessionConfig {
             intra_op_threads: spec.serving.intra_op_threads,
             intra_op_spinning: spec.serving.intra_op_spinning,
-            cpu_memory_arena: true,
+            cpu_memory: mantissa_runtime::CpuMemory::OwnArena,
         },
         warmup: args.warmup,
         duration: args.duration,

@@ -143,7 +143,7 @@ fn pool_config(
         session: SessionConfig {
             intra_op_threads: serving.intra_op_threads,
             intra_op_spinning: serving.intra_op_spinning,
-            cpu_memory_arena: true,
+            cpu_memory: mantissa_runtime::CpuMemory::OwnArena,
         },
         max_batch_size: serving.max_batch_size,
         default_max_batch_size: defaults.max_batch_size,
