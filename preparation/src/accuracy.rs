@@ -5,7 +5,7 @@
 //! model (a closure), so nothing here knows about sessions, workers or queues.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use mantissa_model_store::PartBudget;
 use mantissa_runtime::{InferenceRequest, OutputTensor};
@@ -120,6 +120,8 @@ pub struct DriftTally {
     parts: BTreeMap<String, Vec<OutputPart>>,
     /// The named parts, fitted to their outputs on the first sample that has them.
     named: BTreeMap<String, ResolvedPart>,
+    /// Automatic parts whose reference values are probabilities, counted by best element.
+    score_parts: BTreeSet<String>,
 }
 
 impl DriftTally {
@@ -189,7 +191,17 @@ impl DriftTally {
         for part in parts {
             let label = part.label(&expected.name, expected.shape.len());
             let (part_r, part_v) = (part.select(&expected.shape, r), part.select(&expected.shape, v));
-            self.outputs.entry(label).or_default().add(&part_r, &part_v, None);
+            // A part of probabilities (a detector's class scores) is read by its best element:
+            // which anchor and class wins. Its agreement is counted per batch item.
+            let best = part_r.iter().all(|value| (0.0..=1.0).contains(value)).then(|| {
+                let mut dims: Vec<usize> = expected.shape.iter().map(|&d| d.max(0) as usize).collect();
+                dims[part.axis] = part.end - part.start;
+                Top1Rows::per_batch_item(&dims)
+            });
+            if best.is_some() {
+                self.score_parts.insert(label.clone());
+            }
+            self.outputs.entry(label).or_default().add_with_rows(&part_r, &part_v, best);
         }
     }
 
@@ -197,6 +209,7 @@ impl DriftTally {
         DriftReport {
             outputs: self.outputs.iter().map(|(name, sums)| (name.clone(), sums.figures())).collect(),
             part_labels: self.named.iter().map(|(name, part)| (name.clone(), part.label.clone())).collect(),
+            score_parts: self.score_parts.clone(),
         }
     }
 }
@@ -207,6 +220,10 @@ pub struct DriftReport {
     pub outputs: BTreeMap<String, DriftFigures>,
     /// Each named part measured, and what it covers (`output0[:,4:,:]`).
     pub part_labels: BTreeMap<String, String>,
+    /// Automatic parts of probabilities (`output0[:,4:84,:]` of a detector), whose best
+    /// element's agreement the budget holds to [`crate::budget_check::SCORE_PART_TOP1`] unless
+    /// it sets `min_top1_agreement` itself.
+    pub score_parts: BTreeSet<String>,
 }
 
 impl DriftReport {
@@ -388,6 +405,33 @@ mod tests {
         );
         // The whole output still meets the budget's min_cosine: only the part tells.
         assert!(report.outputs["output0"].cosine > 0.99);
+    }
+
+    #[test]
+    fn an_automatic_part_of_probabilities_is_held_to_its_best_elements_agreement() {
+        let (reference, _) = flipped_scores();
+        // The score part's cosine stays high while its best element moves: class 0 anchor 2
+        // (0.8) rises past the reference's best (0.9 at class 0 anchor 0).
+        let mut values = reference.floats();
+        values[18] = 0.92;
+        let variant = OutputTensor { raw: values.iter().flat_map(|v| v.to_le_bytes()).collect(), ..reference.clone() };
+        let mut tally = DriftTally::default();
+        tally.add_pair(&[reference], &[variant], Measures::default()).unwrap();
+        let report = tally.report();
+        let scores = "output0[:,4:6,:]";
+        assert_eq!(report.score_parts.iter().map(String::as_str).collect::<Vec<_>>(), [scores], "boxes are not scores");
+        assert!(report.outputs[scores].cosine > 0.99, "{report:?}");
+        assert_eq!(report.outputs[scores].top1_agreement, Some(0.0));
+        assert_eq!(report.outputs["output0[:,0:4,:]"].top1_agreement, None);
+        let budget = DriftBudget { min_cosine: Some(0.99), ..Default::default() };
+        assert_eq!(
+            report.budget_miss(&budget).unwrap(),
+            format!(
+                "output '{scores}': top-1 agreement 0.0000 is below the min_top1_agreement of automatic score parts 0.95"
+            )
+        );
+        // A budget's own top-1 figure replaces the default.
+        assert!(report.meets(&DriftBudget { min_top1_agreement: Some(0.0), ..budget }));
     }
 
     #[test]

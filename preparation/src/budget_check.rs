@@ -1,11 +1,18 @@
 //! Whether a drift report meets a budget, and how close it came. Whole outputs and automatic
 //! parts are held to the budget's own figures (`min_cosine`, `min_top1_agreement`); named parts
 //! to their own thresholds, and a named part that is a whole output of the same name to both.
-//! Every sentence names the output or part, the figure, the threshold and the value.
+//! An automatic part of probabilities (a detector's class scores) is also held to
+//! [`SCORE_PART_TOP1`] agreement of its best element when the budget sets no top-1 figure:
+//! its cosine can pass while the winning anchor or class changes. Every sentence names the
+//! output or part, the figure, the threshold and the value.
 
 use mantissa_model_store::{DriftBudget, PartBudget};
 
 use crate::accuracy::{DriftFigures, DriftReport};
+
+/// The agreement of the best element (which anchor and class wins) an automatic part of
+/// probabilities needs under a budget that sets no `min_top1_agreement` of its own.
+pub const SCORE_PART_TOP1: f64 = 0.95;
 
 /// A measure a threshold applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +143,16 @@ fn thresholds<'a>(report: &'a DriftReport, budget: &DriftBudget) -> Vec<Threshol
                         figures,
                     });
                 }
+            }
+            if budget.min_top1_agreement.is_none() && report.score_parts.contains(key) {
+                all.push(Threshold {
+                    figure: Figure::Top1,
+                    key: "the min_top1_agreement of automatic score parts",
+                    limit: SCORE_PART_TOP1,
+                    subject: format!("output '{key}'"),
+                    own: true,
+                    figures,
+                });
             }
         }
         if let Some((label, spec)) = named {

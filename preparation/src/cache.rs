@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::facts::BuildFacts;
 
 /// Bumped whenever a pass changes its output for the same inputs.
-pub const QUANTIZER_VERSION: &str = "mantissa-quantize/2";
+pub const QUANTIZER_VERSION: &str = "mantissa-quantize/3";
 
 #[derive(Debug, Clone)]
 pub struct ArtifactCache {
