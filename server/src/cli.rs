@@ -86,6 +86,12 @@ pub struct ServeArgs {
     /// spread over new replicas; in-flight calls get a grace period of the same length.
     #[arg(long, env = "MANTISSA_MAX_CONNECTION_AGE", value_parser = duration_arg)]
     pub max_connection_age: Option<Duration>,
+
+    /// On SIGTERM/SIGINT: stop taking requests at once, finish queued ones, and exit within
+    /// this long; requests still queued when it is about to run out are answered UNAVAILABLE.
+    /// Keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "MANTISSA_EXIT_TIMEOUT", value_parser = duration_arg, default_value = "30s")]
+    pub exit_timeout: Duration,
 }
 
 impl ServeArgs {
@@ -101,6 +107,7 @@ impl ServeArgs {
             cache_dir: self.cache_dir.clone(),
             build_concurrency: self.build_concurrency.max(1),
             max_connection_age: self.max_connection_age,
+            exit_timeout: self.exit_timeout,
         }
     }
 }

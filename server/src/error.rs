@@ -21,6 +21,10 @@ pub enum ServeError {
     DeadlineExceeded { waited: std::time::Duration },
     #[error("server is shutting down")]
     ShuttingDown,
+    #[error(
+        "server is shutting down: its exit timeout ({timeout:?}) ran out before this request ran; retry on another replica"
+    )]
+    ExitTimeout { timeout: std::time::Duration },
     #[error("ONNX Runtime failed: {0}")]
     Execution(String),
 }
@@ -29,7 +33,9 @@ impl ServeError {
     pub fn code(&self) -> Code {
         match self {
             ServeError::ModelNotFound { .. } | ServeError::VersionNotFound { .. } => Code::NotFound,
-            ServeError::NotReady { .. } | ServeError::ShuttingDown => Code::Unavailable,
+            ServeError::NotReady { .. } | ServeError::ShuttingDown | ServeError::ExitTimeout { .. } => {
+                Code::Unavailable
+            }
             ServeError::InvalidArgument(_) => Code::InvalidArgument,
             ServeError::QueueFull { .. } => Code::ResourceExhausted,
             ServeError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
@@ -47,6 +53,7 @@ impl ServeError {
             ServeError::QueueFull { .. } => "queue_full",
             ServeError::DeadlineExceeded { .. } => "deadline_exceeded",
             ServeError::ShuttingDown => "shutting_down",
+            ServeError::ExitTimeout { .. } => "exit_timeout",
             ServeError::Execution(_) => "execution",
         }
     }

@@ -372,6 +372,14 @@ def test_ports_metrics_annotations_and_service_monitor_match_the_server(target):
                     f"ServiceMonitor {monitors[0]['metadata']['name']} also scrapes {other['metadata']['name']}"
 
 
+def parse_seconds(text: str) -> float:
+    """A `mantissa serve` duration (`45s`, `500ms`, `2m`, or plain seconds) in seconds."""
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    return float(text)
+
+
 @needs_kubectl
 @pytest.mark.parametrize("target", KUSTOMIZATIONS, ids=lambda p: p.name)
 def test_termination_grace_period_covers_endpoint_removal_and_drain(target):
@@ -389,6 +397,13 @@ def test_termination_grace_period_covers_endpoint_removal_and_drain(target):
         assert grace >= unready_after + pre_stop + 30, (
             f"{name}: terminationGracePeriodSeconds {grace} < {unready_after} s (readiness) + "
             f"{pre_stop} s (preStop) + 30 s (drain)")
+        # The server bounds its drain by its exit timeout (default 30 s): the kubelet's SIGKILL
+        # must come after the preStop sleep and that timeout.
+        settings = {k: v for cm in env_config_maps(render(target), deployment) for k, v in cm.get("data", {}).items()}
+        exit_timeout = parse_seconds(settings.get("MANTISSA_EXIT_TIMEOUT", "30s"))
+        assert grace >= pre_stop + exit_timeout + 1, (
+            f"{name}: terminationGracePeriodSeconds {grace} < {pre_stop} s (preStop) + "
+            f"{exit_timeout} s (MANTISSA_EXIT_TIMEOUT) + 1 s")
         liveness = container["livenessProbe"]
         assert liveness["periodSeconds"] * liveness["failureThreshold"] >= grace, (
             f"{name}: a liveness failure could kill the pod before its drain ends")

@@ -19,6 +19,7 @@ use crate::api::service::InferenceService;
 use crate::lifecycle::loading::{BuildSettings, ServingDefaults, load_all};
 use crate::routing::registry::Registry;
 use crate::routing::shadow::Shadows;
+use crate::scheduling::drain;
 use crate::telemetry::metrics;
 
 /// Health service name of the inference service, as clients ask for it.
@@ -39,6 +40,9 @@ pub struct ServerConfig {
     pub build_concurrency: usize,
     /// Connections older than this are closed gracefully so clients rebalance.
     pub max_connection_age: Option<std::time::Duration>,
+    /// From a stop request to exit: queued work that cannot run in time is answered
+    /// UNAVAILABLE (see [`crate::scheduling::drain`]).
+    pub exit_timeout: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,9 +107,14 @@ pub async fn run(
     ))
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
+    let exit_timeout = config.exit_timeout;
     let graceful = async move {
         shutdown.await;
-        tracing::info!("shutdown requested: no new connections; finishing in-flight requests");
+        drain::begin(exit_timeout);
+        tracing::info!(
+            ?exit_timeout,
+            "shutdown requested: no new connections or requests; finishing queued requests within the exit timeout"
+        );
         set_health(&health, &model_names, ServingStatus::NotServing).await;
     };
     let mut builder = tonic::transport::Server::builder();
@@ -137,7 +146,14 @@ pub async fn run(
     {
         tracing::warn!(error = %err, "metrics endpoint stopped with an error");
     }
-    tracing::info!("shutdown complete");
+    match drain::cut_jobs() {
+        0 => tracing::info!("shutdown complete"),
+        cut => tracing::warn!(
+            cut,
+            ?exit_timeout,
+            "shutdown complete; requests still queued when the exit timeout ran out were answered UNAVAILABLE unrun"
+        ),
+    }
     Ok(())
 }
 

@@ -2,5 +2,6 @@
 //! the dynamic batcher that merges compatible requests into one run.
 
 pub mod batcher;
+pub mod drain;
 pub mod queue;
 pub mod workers;

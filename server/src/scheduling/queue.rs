@@ -60,6 +60,9 @@ impl JobQueue {
         deadline: Option<Instant>,
         internal: bool,
     ) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
+        if super::drain::stopping() {
+            return Err(SubmitError::Closed);
+        }
         let (reply, receiver) = oneshot::channel();
         match self.sender.try_send(Job { request, reply, deadline, enqueued: Instant::now(), internal }) {
             Ok(()) => Ok(receiver),

@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::error::ServeError;
 use crate::scheduling::batcher::{self, BatchPolicy, NextTake};
+use crate::scheduling::drain;
 use crate::scheduling::queue::{Job, JobQueue, JobResult, SubmitError};
 use crate::telemetry::metrics;
 use crate::telemetry::statistics::VariantStatistics;
@@ -298,19 +299,28 @@ fn run_and_record(context: &WorkerContext<'_>, session: &mut Session, signature:
 /// The job, unless its caller went away (cancelled) or its deadline passed while it waited:
 /// such jobs are answered (if anyone listens), counted, and never run.
 fn still_wanted(job: Job, config: &WorkerPoolConfig) -> Option<Job> {
+    let now = Instant::now();
     // The deadline is checked first: a caller whose deadline passed has usually gone too.
-    let reason = if job.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+    let reason = if job.deadline.is_some_and(|deadline| now >= deadline) {
         "deadline"
     } else if job.reply.is_closed() {
         "cancelled"
+    } else if drain::cut_now(now).is_some() {
+        "exit_timeout"
     } else {
         return Some(job);
     };
     tracing::debug!(variant = %config.label, id = %job.request.id, reason, "dropping request before execution");
     metrics::record_dropped(&config.model_name, &config.variant_name, reason);
-    if reason == "deadline" {
-        let _ = job.reply.send(Err(ServeError::DeadlineExceeded { waited: job.enqueued.elapsed() }));
-    }
+    let answer = match (reason, drain::cut_now(now)) {
+        ("deadline", _) => ServeError::DeadlineExceeded { waited: job.enqueued.elapsed() },
+        ("exit_timeout", Some(timeout)) => {
+            drain::count_cut();
+            ServeError::ExitTimeout { timeout }
+        }
+        _ => return None,
+    };
+    let _ = job.reply.send(Err(answer));
     None
 }
 
