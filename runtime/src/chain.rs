@@ -7,7 +7,7 @@ use ort::value::DynValue;
 
 use crate::datatype::DataType;
 use crate::error::RuntimeError;
-use crate::execute::input_value;
+use crate::execute::{input_value, tensor_bytes};
 use crate::signature::{ModelSignature, TensorSpec};
 use crate::tensor::InputTensor;
 
@@ -56,16 +56,4 @@ pub fn execute_link<'h>(
         }
     }
     Ok(kept)
-}
-
-/// A CPU tensor's bytes, borrowed from the value.
-pub(crate) fn tensor_bytes(value: &DynValue) -> Result<&[u8], String> {
-    let tensor = value.view().downcast::<ort::value::DynTensorValueType>().map_err(|err| err.to_string())?;
-    let size = tensor.size().unwrap_or(0);
-    let pointer = tensor.data_ptr().cast::<u8>();
-    if size == 0 || pointer.is_null() {
-        return Ok(&[]);
-    }
-    // SAFETY: a CPU tensor's buffer holds `size` bytes and lives as long as `value`.
-    Ok(unsafe { std::slice::from_raw_parts(pointer, size) })
 }

@@ -144,7 +144,7 @@ pub fn execute_visit_tensors(
         let value = outputs.get(&spec.name).ok_or_else(|| fail("missing from the run".to_owned()))?;
         let tensor = value.view().downcast::<ort::value::DynTensorValueType>().map_err(|err| fail(err.to_string()))?;
         let shape: Vec<i64> = tensor.shape().iter().copied().collect();
-        let bytes = crate::chain::tensor_bytes(value).map_err(fail)?;
+        let bytes = tensor_bytes(value).map_err(fail)?;
         visit(spec, &shape, bytes);
     }
     Ok(())
@@ -167,4 +167,16 @@ pub fn warmup_request(signature: &ModelSignature) -> InferenceRequest {
         })
         .collect();
     InferenceRequest { id: "warmup".to_owned(), inputs, outputs: (0..signature.outputs.len()).collect() }
+}
+
+/// A CPU tensor's bytes, borrowed from the value.
+pub(crate) fn tensor_bytes(value: &DynValue) -> Result<&[u8], String> {
+    let tensor = value.view().downcast::<ort::value::DynTensorValueType>().map_err(|err| err.to_string())?;
+    let size = tensor.size().unwrap_or(0);
+    let pointer = tensor.data_ptr().cast::<u8>();
+    if size == 0 || pointer.is_null() {
+        return Ok(&[]);
+    }
+    // SAFETY: a CPU tensor's buffer holds `size` bytes and lives as long as `value`.
+    Ok(unsafe { std::slice::from_raw_parts(pointer, size) })
 }
