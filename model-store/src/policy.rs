@@ -30,6 +30,7 @@ mod raw;
 mod tests;
 mod types;
 mod validate;
+mod versions;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,7 +38,7 @@ use std::path::Path;
 pub use part_slice::PartSlice;
 pub use types::{
     BudgetMiss, DriftBudget, DriftSettings, PartBudget, Policy, PolicyError, Precision, ServingSettings,
-    ShadowSettings, Split, Top1Axis, VariantSpec,
+    ShadowSettings, Split, Top1Axis, VariantSpec, parse_version,
 };
 
 // Loading is implemented here rather than beside the type because it runs both stages, and

@@ -33,7 +33,8 @@ pub struct BenchArgs {
     /// Model to load-test.
     #[arg(long)]
     pub model: String,
-    /// Model version (Mantissa: variant); empty follows the server's routing.
+    /// Model version: a version number or (Mantissa) a variant name; empty follows the
+    /// server's routing.
     #[arg(long, default_value = "")]
     pub model_version: String,
     /// Rows per request along the batch dimension.
@@ -456,7 +457,7 @@ async fn run_in_process(
         if args.model_version.is_empty() { entry.policy.default_variant.clone() } else { args.model_version.clone() };
     let spec = entry
         .policy
-        .variant(&version)
+        .find_variant(&version)
         .ok_or_else(|| fail(format!("model '{}' has no variant '{version}'", args.model)))?
         .clone();
     let environment = Arc::new(load_environment(args.ort_library.as_deref()).map_err(|err| fail(err.to_string()))?);
