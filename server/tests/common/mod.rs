@@ -23,6 +23,11 @@ pub fn fixture_store() -> PathBuf {
     repo_root().join("tests/fixtures/store")
 }
 
+/// Models whose metadata leaves dimensions other than the batch variable.
+pub fn variable_store() -> PathBuf {
+    repo_root().join("tests/fixtures/variable_store")
+}
+
 pub fn mantissa_command() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mantissa"))
 }
