@@ -11,6 +11,7 @@
 //!   max_queue_delay: 2ms
 //! variants:
 //!   fp32:
+//!     version: 1        # optional; else numbered 1, 2, 3... in this order
 //!     precision: fp32
 //!     serving:          # optional per-variant overrides
 //!       instances: 2
