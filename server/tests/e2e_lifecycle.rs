@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, example_store, f32_bytes, fixture_store, mantissa_command, run_to_exit, scrape};
+use common::{
+    TestServer, example_store, f32_bytes, fixture_store, mantissa_command, run_to_exit, scrape, variable_store,
+};
 use mantissa_proto::inference::ModelInferRequest;
 use mantissa_proto::inference::model_infer_request::InferInputTensor;
 
@@ -196,4 +198,55 @@ async fn bench_measures_a_server_and_the_in_process_baseline_in_one_run() {
         .unwrap();
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["levels"][0]["errors"]["InvalidArgument"], 5, "{report}");
+}
+
+/// `mantissa bench` on a model whose metadata shape is [-1, -1] (the length must be a multiple
+/// of 8): the shape comes from --shape or from the input file, and without either the command
+/// says what is missing instead of sending requests the model cannot run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_takes_shapes_the_metadata_leaves_open_from_flags_or_the_input_file() {
+    let server = TestServer::start(&variable_store());
+    let mut client = server.wait_ready().await;
+    let metadata =
+        mantissa_proto::inference::ModelMetadataRequest { name: "group_sums".into(), version: String::new() };
+    assert_eq!(client.model_metadata(metadata).await.unwrap().into_inner().inputs[0].shape, [-1, -1]);
+    let bench = |extra: &[&str]| {
+        let output = mantissa_command()
+            .args(["bench", "--url", &server.url(), "--model", "group_sums", "--requests", "12", "--warmup", "0ms"])
+            .args(["--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), stderr)
+    };
+    let (ok, _, stderr) = bench(&["--batch-size", "4"]);
+    assert!(!ok);
+    assert!(stderr.contains("input 'x' of 'group_sums' has variable dimensions [-1, -1]"), "{stderr}");
+    assert!(stderr.contains("--shape x=D0,D1,..."), "{stderr}");
+
+    let (ok, stdout, stderr) = bench(&["--batch-size", "4", "--shape", "x=4,32"]);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["levels"][0]["requests"], 12, "{report}");
+    assert_eq!(report["levels"][0]["errors"].as_object().unwrap().len(), 0, "{report}");
+    assert_eq!(report["levels"][0]["server"]["requests"], 12, "{report}");
+
+    // A length the model cannot group fails on the server, and is counted as such.
+    let (ok, stdout, stderr) = bench(&["--batch-size", "4", "--shape", "x=4,30"]);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["levels"][0]["errors"]["Internal"], 12, "{report}");
+
+    // Rows of an .npz file bring their own length.
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("rows.npz");
+    let mut writer = ndarray_npy::NpzWriter::new(std::fs::File::create(&path).unwrap());
+    writer.add_array("x", &ndarray::Array2::<f32>::ones((9, 24))).unwrap();
+    writer.finish().unwrap();
+    let (ok, stdout, stderr) = bench(&["--batch-size", "3", "--input-data", path.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["levels"][0]["requests"], 12, "{report}");
+    assert_eq!(report["levels"][0]["server"]["requests"], 12, "{report}");
 }

@@ -7,20 +7,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{TestServer, example_store, f32_bytes, fixture_store, scrape};
+use common::{TestServer, example_store, f32_bytes, fixture_store, scrape, served_variant, store_with};
 use mantissa_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use mantissa_proto::inference::model_infer_request::InferInputTensor;
 use mantissa_proto::inference::*;
 use tonic::Code;
-
-fn store_with(model: &str, from: &Path, policy: &str) -> tempfile::TempDir {
-    let store = tempfile::tempdir().unwrap();
-    let directory = store.path().join(model);
-    std::fs::create_dir(&directory).unwrap();
-    std::fs::copy(from.join(model).join("model.onnx"), directory.join("model.onnx")).unwrap();
-    std::fs::write(directory.join("policy.yaml"), policy).unwrap();
-    store
-}
 
 fn digits_request(key: Option<&str>) -> ModelInferRequest {
     let mut parameters = HashMap::new();
@@ -63,7 +54,7 @@ async fn split_routing_follows_the_weights_and_keys_stick_across_restarts() {
             for i in 0..250u64 {
                 let key = format!("user-{worker}-{i}-{}", rand_key(worker * 1000 + i));
                 let response = client.model_infer(digits_request(Some(&key))).await.unwrap().into_inner();
-                *counts.entry(response.model_version).or_default() += 1;
+                *counts.entry(served_variant(&response)).or_default() += 1;
             }
             counts
         }));
@@ -83,19 +74,24 @@ async fn split_routing_follows_the_weights_and_keys_stick_across_restarts() {
     let mut client = client.clone();
     let mut pinned = None;
     for _ in 0..20 {
-        let version = client.model_infer(digits_request(Some("customer-42"))).await.unwrap().into_inner().model_version;
+        let version =
+            served_variant(&client.model_infer(digits_request(Some("customer-42"))).await.unwrap().into_inner());
         assert_eq!(pinned.get_or_insert(version.clone()), &version);
     }
     // An explicit version wins over the split.
     let mut explicit = digits_request(Some("customer-42"));
     explicit.model_version = "fp32".into();
-    assert_eq!(client.model_infer(explicit).await.unwrap().into_inner().model_version, "fp32");
+    assert_eq!(served_variant(&client.model_infer(explicit.clone()).await.unwrap().into_inner()), "fp32");
+    // ... whether it names the variant or gives its number (fp32 is the first listed: 1).
+    explicit.model_version = "1".into();
+    let response = client.model_infer(explicit).await.unwrap().into_inner();
+    assert_eq!((response.model_version.as_str(), served_variant(&response).as_str()), ("1", "fp32"));
     server.terminate();
     assert_eq!(server.wait_exit(Duration::from_secs(30)).code(), Some(0));
 
     let restarted = TestServer::start(store.path());
     let mut client = restarted.wait_ready().await;
-    let after = client.model_infer(digits_request(Some("customer-42"))).await.unwrap().into_inner().model_version;
+    let after = served_variant(&client.model_infer(digits_request(Some("customer-42"))).await.unwrap().into_inner());
     assert_eq!(Some(after), pinned, "the key moved to another variant after a restart");
 }
 
@@ -299,7 +295,7 @@ async fn warm_cache_skips_building_and_a_corrupt_artifact_is_rebuilt() {
         raw_input_contents: vec![f32_bytes(&[0.5; 64])],
         ..Default::default()
     };
-    assert_eq!(client.model_infer(request).await.unwrap().into_inner().model_version, "int8");
+    assert_eq!(served_variant(&client.model_infer(request).await.unwrap().into_inner()), "int8");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,7 +315,8 @@ async fn a_variant_that_fails_to_build_is_not_ready_and_the_others_serve() {
     assert!(client.model_ready(ready("fp32")).await.unwrap().into_inner().ready);
     assert!(!client.model_ready(ready("int8")).await.unwrap().into_inner().ready);
     let index = client.repository_index(RepositoryIndexRequest::default()).await.unwrap().into_inner();
-    let int8 = index.models.iter().find(|m| m.version == "int8").unwrap();
+    // int8 is the second variant the policy lists: version 2.
+    let int8 = index.models.iter().find(|m| m.version == "2").unwrap();
     assert_eq!(int8.state, "UNAVAILABLE");
     assert!(int8.reason.contains("bad.npz") && int8.reason.contains("expected shape"), "{}", int8.reason);
 
@@ -328,5 +325,5 @@ async fn a_variant_that_fails_to_build_is_not_ready_and_the_others_serve() {
     let status = client.model_infer(request).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("failed to load"), "{}", status.message());
-    assert_eq!(client.model_infer(digits_request(None)).await.unwrap().into_inner().model_version, "fp32");
+    assert_eq!(served_variant(&client.model_infer(digits_request(None)).await.unwrap().into_inner()), "fp32");
 }

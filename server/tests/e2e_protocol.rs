@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestServer, example_store, f32_bytes, f32_values, fixture_store};
+use common::{TestServer, example_store, f32_bytes, f32_values, fixture_store, served_variant};
 use mantissa_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use mantissa_proto::inference::*;
 use ndarray::{ArrayD, IxDyn, OwnedRepr};
@@ -44,7 +44,8 @@ async fn metadata_and_config_describe_batching_models() {
         .unwrap()
         .into_inner();
     assert_eq!(metadata.platform, "onnxruntime_onnx");
-    assert_eq!(metadata.versions, vec!["fp16", "fp32", "int8"]);
+    // Version numbers follow the policy's variant order: fp32, fp16, int8.
+    assert_eq!(metadata.versions, vec!["1", "2", "3"]);
     assert_eq!(metadata.inputs[0].name, "input");
     assert_eq!(metadata.inputs[0].datatype, "FP32");
     assert_eq!(metadata.inputs[0].shape, vec![-1, 1, 8, 8]);
@@ -76,12 +77,12 @@ async fn metadata_and_config_describe_batching_models() {
     assert_eq!(
         names,
         vec![
-            ("digits_cnn", "fp16", "READY"),
-            ("digits_cnn", "fp32", "READY"),
-            ("digits_cnn", "int8", "READY"),
-            ("digits_transformer", "fp16", "READY"),
-            ("digits_transformer", "fp32", "READY"),
-            ("digits_transformer", "int8", "READY")
+            ("digits_cnn", "1", "READY"),
+            ("digits_cnn", "2", "READY"),
+            ("digits_cnn", "3", "READY"),
+            ("digits_transformer", "1", "READY"),
+            ("digits_transformer", "2", "READY"),
+            ("digits_transformer", "3", "READY")
         ]
     );
 }
@@ -116,7 +117,7 @@ async fn digits_inference_matches_onnx_runtime_reference() {
             };
             let response = client.model_infer(request).await.unwrap().into_inner();
             assert_eq!(response.id, format!("{model}-{start}"));
-            assert_eq!(response.model_version, "fp32");
+            assert_eq!((response.model_version.as_str(), served_variant(&response).as_str()), ("1", "fp32"));
             assert_eq!(response.outputs[0].shape, vec![batch as i64, 10]);
             let logits = f32_values(&response.raw_output_contents[0]);
             for row in 0..batch {
@@ -186,7 +187,8 @@ async fn reduced_precision_variants_serve_the_digits_split_within_tolerance() {
                 ..Default::default()
             };
             let response = client.model_infer(request).await.unwrap().into_inner();
-            assert_eq!(response.model_version, version);
+            assert_eq!(served_variant(&response), version);
+            assert_eq!(response.model_version, config.parameters["version"].string_value);
             assert_eq!(response.outputs[0].datatype, "FP32");
             let logits = f32_values(&response.raw_output_contents[0]);
             for row in 0..batch {
@@ -403,7 +405,7 @@ fn lookup_and_input_cases(mutate: &Mutate) -> Vec<Case> {
             name: "unknown version",
             request: mutate(&|r| r.model_version = "int9".into()),
             code: Code::NotFound,
-            message: "model 'digits_cnn' has no version 'int9'",
+            message: "model 'digits_cnn' has no version 'int9'; available versions: [\"1 (fp32)\", \"2 (fp16)\", \"3 (int8)\"]",
         },
         Case {
             name: "missing input",

@@ -229,6 +229,21 @@ def start_server(store: Path | str, extra_args: list[str] | None = None,
     return server
 
 
+def served_variant(response) -> str:
+    """The variant named by a ModelInferResponse's ``variant`` parameter (its ``model_version``
+    is the variant's version number)."""
+    return response.parameters["variant"].string_param
+
+
+def variant_versions(client, model: str) -> dict[str, str]:
+    """Variant name -> version number of ``model``, from the ``versions`` parameter of its
+    default variant's ModelConfig ("1 (fp32), 2 (int8)")."""
+    config = client.get_model_config(model, as_json=True)["config"]
+    listing = config["parameters"]["versions"]["string_value"]
+    pairs = (entry.split(" (") for entry in listing.split(", "))
+    return {name.rstrip(")"): number for number, name in pairs}
+
+
 def _stop_and_check(server: MantissaServer) -> None:
     rc = server.stop()
     assert rc == 0, (

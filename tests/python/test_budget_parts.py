@@ -20,6 +20,8 @@ import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import variant_versions
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("MANTISSA_BIN", REPO / "target/debug/mantissa"))
 ORT_LIB = REPO / ".onnxruntime/lib/libonnxruntime.so.1.31.1"
@@ -177,8 +179,10 @@ def test_not_ready_names_the_part_that_missed(tmp_path, start_mantissa):
     client = grpcclient.InferenceServerClient(server.grpc_url)
     assert client.is_model_ready("head", "fp32")
     assert not client.is_model_ready("head", "int8")
+    # RepositoryIndex lists version numbers; ModelConfig of the ready variant says whose they are.
     index = {(m["name"], m.get("version")): m for m in client.get_model_repository_index(as_json=True)["models"]}
-    reason = index[("head", "int8")].get("reason", "")
+    versions = variant_versions(client, "head")
+    reason = index[("head", versions["int8"])].get("reason", "")
     assert "part 'scores' (output0[:,4:,:]): top-1 agreement" in reason, index
 
 

@@ -50,7 +50,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 import corpus_harness as ch
-from conftest import start_server
+from conftest import served_variant, start_server
 
 MODELS = ch.listed_models()
 INT8_MODES = [m for m in ch.MODES if m.startswith("int8")]
@@ -205,7 +205,7 @@ class Served:
                     pytest.fail(f"{self.ref.name} / {variant}: holdout sample {i} "
                                 f"({ {k: (v.dtype.name, v.shape) for k, v in sample.items()} }) fails: {err}",
                                 pytrace=False)
-                assert result.get_response().model_version == variant
+                assert served_variant(result.get_response()) == variant
                 got.append({o.name: result.as_numpy(o.name) for o in result.get_response().outputs})
             self._outputs[variant] = got
         return self._outputs[variant]

@@ -171,6 +171,23 @@ def test_grpcurl_model_ready(examples_server, model):
     assert json.loads(out) == {"ready": True}
 
 
+def test_grpcurl_versions_by_number_and_name(examples_server):
+    out = grpcurl(examples_server, "-d", json.dumps({"name": "digits_cnn"}), examples_server.grpc_url,
+                  f"{INFER_SERVICE}/ModelMetadata")
+    assert json.loads(out)["versions"] == ["1", "2", "3"]
+    for version in ("3", "int8"):
+        out = grpcurl(examples_server, "-d", json.dumps({"name": "digits_cnn", "version": version}),
+                      examples_server.grpc_url, f"{INFER_SERVICE}/ModelReady")
+        assert json.loads(out) == {"ready": True}, version
+    request = {"model_name": "digits_cnn", "model_version": "int8",
+               "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8],
+                           "contents": {"fp32_contents": [0.5] * 64}}]}
+    response = json.loads(grpcurl(examples_server, "-d", json.dumps(request), examples_server.grpc_url,
+                                  f"{INFER_SERVICE}/ModelInfer"))
+    assert response["modelVersion"] == "3"
+    assert response["parameters"]["variant"] == {"stringParam": "int8"}
+
+
 def test_grpcurl_server_metadata(examples_server):
     out = grpcurl(examples_server, "-d", "{}", examples_server.grpc_url,
                   f"{INFER_SERVICE}/ServerMetadata")

@@ -17,6 +17,8 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 
+from conftest import variant_versions
+
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests/fixtures/int8/outlier_mlp"
 BIN = Path(os.environ.get("MANTISSA_BIN", REPO / "target/debug/mantissa"))
@@ -146,8 +148,10 @@ def test_the_server_reports_a_missed_budget_as_not_ready(tmp_path, start_mantiss
     client = grpcclient.InferenceServerClient(server.grpc_url)
     assert client.is_model_ready("outlier_mlp", "fp32")
     assert not client.is_model_ready("outlier_mlp", "int8")
+    # RepositoryIndex lists version numbers; ModelConfig of the ready variant says whose they are.
     index = {(m["name"], m.get("version")): m for m in client.get_model_repository_index(as_json=True)["models"]}
-    reason = index[("outlier_mlp", "int8")].get("reason", "")
+    versions = variant_versions(client, "outlier_mlp")
+    reason = index[("outlier_mlp", versions["int8"])].get("reason", "")
     assert "max_fp32_fraction 0.05" in reason, index
 
 

@@ -53,11 +53,13 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from conftest import EXAMPLES_STORE, REPO_ROOT, mantissa_binary, start_server
+from conftest import EXAMPLES_STORE, REPO_ROOT, mantissa_binary, served_variant, start_server, variant_versions
 
 TIMEOUT_S = 20.0  # per RPC
 MODELS = ("digits_cnn", "digits_transformer")
 VARIANTS = ("fp32", "fp16", "int8")
+# Their version numbers: the example policies list them in this order and declare none.
+VERSIONS = {"fp32": "1", "fp16": "2", "int8": "3"}
 NON_REFERENCE = ("fp16", "int8")
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "mantissa-dashboard.json"
 ORT_LIBRARY = REPO_ROOT / ".onnxruntime" / "lib" / "libonnxruntime.so.1.31.1"
@@ -225,7 +227,7 @@ def traffic(examples_server, client, holdout):
             for rows in OK_ROWS[variant]:
                 result = client.infer(model, [infer_input(x[offset:offset + rows])], model_version=variant,
                                       client_timeout=TIMEOUT_S)
-                assert result.get_response().model_version == variant
+                assert served_variant(result.get_response()) == variant
                 assert result.as_numpy("logits").shape == (rows, 10)
                 offset += rows
             for kind in range(INVALID[variant]):
@@ -506,10 +508,11 @@ def test_budget_miss_makes_variant_not_ready(mode, scratch_server, holdout):
     model = f"budget_strict_{mode}"
     with grpcclient.InferenceServerClient(scratch_server.grpc_url) as c:
         index = repository_index(c)
-        strict = index[(model, "int8")]
+        versions = variant_versions(c, model)
+        strict = index[(model, versions["int8"])]
         assert strict.get("state") == "UNAVAILABLE", strict
         assert_budget_reason(strict.get("reason", ""))
-        assert index[(model, "fp32")].get("state") == "READY"
+        assert index[(model, versions["fp32"])].get("state") == "READY"
         assert not c.is_model_ready(model, "int8", client_timeout=TIMEOUT_S)
         assert c.is_model_ready(model, "fp32", client_timeout=TIMEOUT_S)
         assert c.is_model_ready(model, client_timeout=TIMEOUT_S)
@@ -517,7 +520,7 @@ def test_budget_miss_makes_variant_not_ready(mode, scratch_server, holdout):
         result = c.infer(model, [infer_input(x)], model_version="fp32", client_timeout=TIMEOUT_S)
         assert result.as_numpy("logits").shape == (3, 10)
         result = c.infer(model, [infer_input(x)], client_timeout=TIMEOUT_S)  # default: fp32
-        assert result.get_response().model_version == "fp32"
+        assert served_variant(result.get_response()) == "fp32"
         with pytest.raises(InferenceServerException) as e:
             c.infer(model, [infer_input(x)], model_version="int8", client_timeout=TIMEOUT_S)
         assert "UNAVAILABLE" in status_of(e.value), e.value
@@ -536,12 +539,12 @@ def test_budget_miss_makes_variant_not_ready(mode, scratch_server, holdout):
 def test_budget_miss_serve_flagged(mode, scratch_server, holdout):
     model = f"budget_flagged_{mode}"
     with grpcclient.InferenceServerClient(scratch_server.grpc_url) as c:
-        flagged = repository_index(c)[(model, "int8")]
+        flagged = repository_index(c)[(model, variant_versions(c, model)["int8"])]
         assert flagged.get("state") == "READY", flagged
         assert c.is_model_ready(model, "int8", client_timeout=TIMEOUT_S)
         x = holdout["digits_transformer"][:3]
         result = c.infer(model, [infer_input(x)], model_version="int8", client_timeout=TIMEOUT_S)
-        assert result.get_response().model_version == "int8"
+        assert served_variant(result.get_response()) == "int8"
         assert result.as_numpy("logits").shape == (3, 10)
         config = c.get_model_config(model, "int8", as_json=True, client_timeout=TIMEOUT_S)["config"]
         params = {k: v.get("string_value") for k, v in config.get("parameters", {}).items()}
@@ -611,7 +614,7 @@ def test_model_statistics_requests(traffic, examples_server):
             assert len(response.model_stats) == 1, response
             stats = response.model_stats[0]
             where = f"{model}/{variant}: {stats}"
-            assert (stats.name, stats.version) == (model, variant), where
+            assert (stats.name, stats.version) == (model, VERSIONS[variant]), where
             inference = stats.inference_stats
             assert inference.success.count == exp["ok"], where
             assert inference.fail.count == exp["invalid"], where
@@ -620,9 +623,10 @@ def test_model_statistics_requests(traffic, examples_server):
             assert stats.last_inference > 0, where
         # An empty version lists every variant of the model, an empty name every model.
         all_versions = c.get_inference_statistics("digits_cnn", "", client_timeout=TIMEOUT_S)
-        assert sorted(s.version for s in all_versions.model_stats) == sorted(VARIANTS), all_versions
+        assert sorted(s.version for s in all_versions.model_stats) == sorted(VERSIONS.values()), all_versions
         everything = c.get_inference_statistics(client_timeout=TIMEOUT_S)
-        assert {(s.name, s.version) for s in everything.model_stats} == set(expected), everything
+        assert {(s.name, s.version) for s in everything.model_stats} == {
+            (model, VERSIONS[variant]) for model, variant in expected}, everything
         with pytest.raises(InferenceServerException) as e:
             c.get_inference_statistics("no_such_model", client_timeout=TIMEOUT_S)
         assert "NOT_FOUND" in status_of(e.value), e.value
@@ -689,7 +693,7 @@ def test_shadow_drift_one_observation_per_request(shadow_server, holdout):
             rows = 1 + i % 4
             result = c.infer("shadow_count", [infer_input(x[i:i + rows])], model_version="int8",
                              client_timeout=TIMEOUT_S)
-            assert result.get_response().model_version == "int8"
+            assert served_variant(result.get_response()) == "int8"
         for i in range(3):  # served by the reference itself: never sampled
             c.infer("shadow_count", [infer_input(x[i:i + 2])], model_version="fp32", client_timeout=TIMEOUT_S)
     labels = {"model": "shadow_count", "variant": "int8", "output": "logits"}

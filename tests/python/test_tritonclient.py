@@ -9,7 +9,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import EXAMPLES_STORE
+from conftest import EXAMPLES_STORE, served_variant
 
 TIMEOUT_S = 20.0  # per RPC
 BATCH_ROWS = 50
@@ -54,9 +54,11 @@ def test_server_live_and_ready(client):
     for model in DIGITS_MODELS:
         assert client.is_model_ready(model, client_timeout=TIMEOUT_S)
         assert client.is_model_ready(model, "fp32", client_timeout=TIMEOUT_S)
+        assert client.is_model_ready(model, "3", client_timeout=TIMEOUT_S)
     # As with Triton, an unknown model or version is answered OK with ready=false.
     assert not client.is_model_ready("no_such_model", client_timeout=TIMEOUT_S)
     assert not client.is_model_ready("digits_cnn", "int4", client_timeout=TIMEOUT_S)
+    assert not client.is_model_ready("digits_cnn", "4", client_timeout=TIMEOUT_S)
 
 
 def test_server_metadata(client):
@@ -73,10 +75,11 @@ def test_server_metadata(client):
 @pytest.mark.parametrize("model", sorted(DIGITS_MODELS))
 def test_model_metadata(client, model):
     in_shape, _ = DIGITS_MODELS[model]
-    for version in ("", "fp32"):
+    for version in ("", "fp32", "1", "int8"):
         md = client.get_model_metadata(model, version, client_timeout=TIMEOUT_S)
         assert md.name == model
-        assert list(md.versions) == ["fp16", "fp32", "int8"]
+        # Numeric versions, in the policy's variant order (fp32, fp16, int8).
+        assert list(md.versions) == ["1", "2", "3"]
         assert md.platform == "onnxruntime_onnx"
         assert [(t.name, t.datatype, list(t.shape)) for t in md.inputs] == [("input", "FP32", in_shape)]
         assert [(t.name, t.datatype, list(t.shape)) for t in md.outputs] == [("logits", "FP32", [-1, 10])]
@@ -145,7 +148,7 @@ def test_whole_test_split_matches_onnxruntime(client, model, report_line):
         response = result.get_response()
         assert response.id == request_id
         assert response.model_name == model
-        assert response.model_version == "fp32"
+        assert (response.model_version, served_variant(response)) == ("1", "fp32")
         assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
             ("logits", "FP32", [batch.shape[0], 10])
         ]
@@ -172,24 +175,48 @@ def test_whole_test_split_matches_onnxruntime(client, model, report_line):
     assert stored_diff <= 1e-4
 
 
+@pytest.mark.parametrize("version", ["fp32", "1"])
 @pytest.mark.parametrize("model", sorted(DIGITS_MODELS))
-def test_requested_output_and_explicit_version(client, model):
+def test_requested_output_and_explicit_version(client, model, version):
     x, _, stored_logits = load_test_data(model)
     batch = x[:4]
     result = client.infer(
         model,
         [digits_input(model, batch)],
-        model_version="fp32",
+        model_version=version,
         outputs=[grpcclient.InferRequestedOutput("logits")],
         request_id="explicit",
         client_timeout=TIMEOUT_S,
     )
     response = result.get_response()
     assert response.id == "explicit"
-    assert response.model_version == "fp32"
+    assert (response.model_version, served_variant(response)) == ("1", "fp32")
     assert [o.name for o in response.outputs] == ["logits"]
     assert len(response.raw_output_contents) == 1
     np.testing.assert_allclose(result.as_numpy("logits"), stored_logits[:4], atol=1e-4)
+
+
+@pytest.mark.parametrize("version,number,variant", [("3", "3", "int8"), ("int8", "3", "int8"), ("2", "2", "fp16")])
+def test_a_variant_is_picked_by_version_number_or_name(client, version, number, variant):
+    x, _, stored_logits = load_test_data("digits_cnn")
+    before = client.get_inference_statistics("digits_cnn", number, client_timeout=TIMEOUT_S).model_stats[0]
+    result = client.infer("digits_cnn", [digits_input("digits_cnn", x[:3])], model_version=version,
+                          client_timeout=TIMEOUT_S)
+    response = result.get_response()
+    assert (response.model_version, served_variant(response)) == (number, variant)
+    assert result.as_numpy("logits").shape == (3, 10)
+    # Statistics are kept under the number, and the same variant answers when asked by name.
+    for asked in (number, variant):
+        stats = client.get_inference_statistics("digits_cnn", asked, client_timeout=TIMEOUT_S).model_stats
+        assert [(s.name, s.version) for s in stats] == [("digits_cnn", number)]
+        assert stats[0].inference_count == before.inference_count + 3
+    config = client.get_model_config("digits_cnn", version, as_json=True, client_timeout=TIMEOUT_S)["config"]
+    assert config["parameters"]["variant"]["string_value"] == variant
+    assert config["parameters"]["version"]["string_value"] == number
+    assert config["parameters"]["versions"]["string_value"] == "1 (fp32), 2 (fp16), 3 (int8)"
+    assert config["version_policy"]["specific"]["versions"] == ["1", "2", "3"]
+    index = client.get_model_repository_index(as_json=True, client_timeout=TIMEOUT_S)["models"]
+    assert sorted(m["version"] for m in index if m["name"] == "digits_cnn") == ["1", "2", "3"]
 
 
 def test_requesting_unknown_output_is_rejected(client):
@@ -302,7 +329,7 @@ def test_all_types_round_trip(all_types_client, rows, cols):
     )
     response = result.get_response()
     assert response.id == f"types-{rows}x{cols}"
-    assert response.model_version == "fp32"
+    assert (response.model_version, served_variant(response)) == ("1", "fp32")
     got = {o.name: (o.datatype, list(o.shape)) for o in response.outputs}
     assert got == {f"out_{s}": (dt, [rows, cols]) for s, (dt, _) in ALL_TYPES.items()}
     for suffix, sent in values.items():
@@ -350,7 +377,7 @@ def test_fixture_store_models_ready(all_types_client):
     for model in ("all_types", "slow_matmul", "runtime_error"):
         assert all_types_client.is_model_ready(model, client_timeout=TIMEOUT_S), model
         md = all_types_client.get_model_metadata(model, client_timeout=TIMEOUT_S)
-        assert list(md.versions) == ["fp32"]
+        assert list(md.versions) == ["1"]
 
 
 def test_all_types_string_with_nul_byte(all_types_client):

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use indexmap::IndexMap;
 use mantissa_quantize::passes::fp16::Fp16Options;
 use mantissa_quantize::passes::int8::Int8Options;
 use serde::Deserialize;
@@ -17,7 +18,7 @@ use super::types::{BudgetMiss, PolicyError, Precision, ShadowSettings};
 pub(super) struct RawPolicy {
     #[serde(default)]
     pub(super) serving: RawServing,
-    pub(super) variants: BTreeMap<String, RawVariant>,
+    pub(super) variants: RawVariants,
     #[serde(default)]
     pub(super) routing: RawRouting,
     pub(super) drift: Option<RawDrift>,
@@ -40,10 +41,17 @@ pub(super) struct RawServing {
     pub(super) preferred_batch_sizes: Option<Vec<u32>>,
 }
 
+/// `variants:` in the order the file declares them, which decides the version numbers of
+/// variants that declare none.
+pub(super) type RawVariants = IndexMap<String, RawVariant>;
+
 /// One entry under `variants:`; its name is the map key.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawVariant {
+    /// The numeric version clients may address it by; checked (positive, unique) during
+    /// validation, so a bad one gets a message rather than a type error.
+    pub(super) version: Option<i64>,
     pub(super) precision: Precision,
     #[serde(default)]
     pub(super) serving: RawServing,

@@ -366,3 +366,83 @@ fn a_budget_parts_file_holds_the_same_map() {
     std::fs::write(&path, "boxes: {output: y, max_abs: 0.5}\n").unwrap();
     assert_eq!(super::load_budget_parts(&path).unwrap()["boxes"].max_abs, Some(0.5));
 }
+
+const THREE_VARIANTS: &str =
+    "variants:\n  fp32:\n    precision: fp32\n  int8:\n    precision: int8\n  fp16:\n    precision: fp16\n";
+
+fn versions(policy: &Policy) -> Vec<(&str, u64)> {
+    policy.variants.iter().map(|v| (v.name.as_str(), v.version)).collect()
+}
+
+#[test]
+fn undeclared_versions_follow_the_declaration_order() {
+    let policy = parse(&format!("{THREE_VARIANTS}routing:\n  default: fp32\n")).unwrap();
+    assert_eq!(versions(&policy), [("fp32", 1), ("int8", 2), ("fp16", 3)]);
+    assert_eq!(versions(&Policy::default_fp32()), [("fp32", 1)]);
+}
+
+#[test]
+fn declared_versions_are_kept_and_the_rest_fill_the_gaps() {
+    let text = "variants:\n  fp32:\n    precision: fp32\n  int8:\n    version: 1\n    precision: int8\n  fp16:\n    precision: fp16\n  other:\n    version: 7\n    precision: fp32\nrouting:\n  default: fp32\n";
+    let policy = parse(text).unwrap();
+    assert_eq!(versions(&policy), [("fp32", 2), ("int8", 1), ("fp16", 3), ("other", 7)]);
+    assert_eq!(policy.find_variant("7").unwrap().name, "other");
+    assert_eq!(policy.find_variant("fp16").unwrap().version, 3);
+    assert_eq!(policy.find_variant("4"), None);
+    assert_eq!(policy.find_variant("99999999999999999999999"), None);
+}
+
+#[test]
+fn duplicate_versions_name_the_second_variant() {
+    let text =
+        "variants:\n  fp32:\n    version: 2\n    precision: fp32\n  int8:\n    precision: int8\n    version: 2\n";
+    let err = parse(text).unwrap_err();
+    assert_eq!((err.line, err.key.as_str()), (Some(7), "variants.int8.version"), "{err}");
+    assert!(err.message.contains("version 2 is already variant `fp32`'s"), "{err}");
+    assert!(err.to_string().starts_with("store/m/policy.yaml:7: key `variants.int8.version`"), "{err}");
+}
+
+#[test]
+fn versions_must_be_positive_integers() {
+    for (value, expected) in
+        [("0", "expected a positive integer, got 0"), ("-3", "expected a positive integer, got -3")]
+    {
+        let err = parse(&format!("variants:\n  fp32:\n    precision: fp32\n    version: {value}\n")).unwrap_err();
+        assert_eq!((err.line, err.key.as_str()), (Some(4), "variants.fp32.version"), "{err}");
+        assert!(err.message.contains(expected), "{err}");
+    }
+    // Not a number at all: the type error names the key and line.
+    let err = parse("variants:\n  fp32:\n    precision: fp32\n    version: latest\n").unwrap_err();
+    assert_eq!((err.line, err.key.as_str()), (Some(4), "variants.fp32.version"), "{err}");
+    assert!(err.message.contains("latest"), "{err}");
+}
+
+#[test]
+fn all_digit_variant_names_are_rejected() {
+    let err = parse("variants:\n  \"2\":\n    precision: fp32\n").unwrap_err();
+    assert_eq!((err.line, err.key.as_str()), (Some(2), "variants.2"), "{err}");
+    assert!(err.message.contains("would read as a version number"), "{err}");
+}
+
+#[test]
+fn routing_drift_and_shadow_take_names_or_versions() {
+    let text = format!(
+        "{THREE_VARIANTS}routing:\n  default: 1\n  split:\n    2: 90\n    fp16: 10\ndrift:\n  holdout_data: .\n  reference: \"1\"\nshadow:\n  reference: 1\n  sample_rate: 0.5\n"
+    );
+    let policy = Policy::parse(&text, &std::env::temp_dir().join("policy.yaml")).unwrap();
+    assert_eq!(policy.default_variant, "fp32");
+    assert_eq!(policy.split.as_ref().unwrap().weights, [("fp16".to_owned(), 10), ("int8".to_owned(), 90)]);
+    assert_eq!(policy.drift.as_ref().unwrap().reference, "fp32");
+    assert_eq!(policy.shadow.as_ref().unwrap().reference, "fp32");
+}
+
+#[test]
+fn a_split_may_name_each_variant_once() {
+    let err = parse(&format!("{THREE_VARIANTS}routing:\n  default: fp32\n  split:\n    int8: 50\n    \"2\": 50\n"))
+        .unwrap_err();
+    assert_eq!((err.line, err.key.as_str()), (Some(11), "routing.split.int8"), "{err}");
+    assert!(err.message.contains("variant `int8` is listed twice, as `2` and as `int8`"), "{err}");
+    let err = parse(&format!("{THREE_VARIANTS}routing:\n  default: 4\n")).unwrap_err();
+    assert_eq!((err.line, err.key.as_str()), (Some(9), "routing.default"), "{err}");
+    assert!(err.message.contains("fp32 (version 1), int8 (version 2), fp16 (version 3)"), "{err}");
+}

@@ -104,6 +104,9 @@ impl Default for ServingSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct VariantSpec {
     pub name: String,
+    /// The numeric version Triton-style clients address it by (unique within the model, >= 1):
+    /// declared in the policy, or assigned from the order of `variants:`.
+    pub version: u64,
     pub precision: Precision,
     /// Options of the FP16 pass (defaults when the policy gives none); only for fp16 variants.
     pub fp16: Option<Fp16Options>,
@@ -274,6 +277,7 @@ impl Policy {
             source: None,
             variants: vec![VariantSpec {
                 name: "fp32".to_owned(),
+                version: 1,
                 precision: Precision::Fp32,
                 fp16: None,
                 int8: None,
@@ -289,4 +293,23 @@ impl Policy {
     pub fn variant(&self, name: &str) -> Option<&VariantSpec> {
         self.variants.iter().find(|variant| variant.name == name)
     }
+
+    /// The variant `reference` names: its version number (decimal digits) or its name. Names
+    /// are never all digits, so the two cannot collide.
+    pub fn find_variant(&self, reference: &str) -> Option<&VariantSpec> {
+        match parse_version(reference) {
+            Some(version) => self.variants.iter().find(|variant| variant.version == version),
+            None => self.variant(reference),
+        }
+    }
+}
+
+/// A `model_version` that is a version number: decimal digits only, as Triton sends them.
+/// Anything else (a variant name) is `None`.
+pub fn parse_version(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    // More digits than fit are still a number, just one no variant has.
+    Some(text.parse().unwrap_or(u64::MAX))
 }

@@ -14,6 +14,7 @@ use super::types::{
     DriftBudget, DriftSettings, PartBudget, Policy, PolicyError, Precision, ServingSettings, ShadowSettings, Split,
     Top1Axis, VariantSpec,
 };
+use super::versions::{self, Known};
 use crate::duration::parse_duration;
 use crate::yaml_location::line_of_key;
 
@@ -48,21 +49,26 @@ pub(super) fn validate(raw: RawPolicy, text: &str, path: &Path) -> Result<Policy
         return Err(source.error(&["variants"], "at least one variant is required".to_owned()));
     }
     let defaults = serving_defaults(&raw.serving, &source)?;
+    let versions = versions::assign(&raw.variants)
+        .map_err(|err| source.error(&["variants", &err.variant, "version"], err.message))?;
     let variants = raw
         .variants
         .iter()
-        .map(|(name, variant)| validate_variant(name, variant, &defaults, &source))
+        .zip(&versions)
+        .map(|((name, variant), &version)| validate_variant(name, version, variant, &defaults, &source))
         .collect::<Result<Vec<_>, _>>()?;
-    let default_variant = validate_default(&raw.routing, &raw.variants, &variants, &source)?;
-    let split = validate_split(&raw.routing, &raw.variants, &source)?;
+    let known = Known::new(&raw.variants, &versions);
+    let default_variant = validate_default(&raw.routing, &known, &variants, &source)?;
+    let split = validate_split(&raw.routing, &known, &source)?;
     let drift = match raw.drift {
         None => None,
-        Some(drift) => Some(validate_drift(drift, &default_variant, &raw.variants, &source)?),
+        Some(drift) => Some(validate_drift(drift, &default_variant, &known, &source)?),
     };
-    if let Some(shadow) = &raw.shadow {
-        check_shadow(shadow, &raw.variants, &source)?;
-    }
-    Ok(Policy { source: Some(path.to_owned()), variants, default_variant, split, drift, shadow: raw.shadow })
+    let shadow = match raw.shadow {
+        None => None,
+        Some(shadow) => Some(check_shadow(shadow, &known, &source)?),
+    };
+    Ok(Policy { source: Some(path.to_owned()), variants, default_variant, split, drift, shadow })
 }
 
 /// The top-level `serving:` section applied to the built-in defaults; every variant starts
@@ -78,6 +84,7 @@ fn serving_defaults(raw: &RawServing, source: &Source) -> Result<ServingSettings
 /// its precision's pass (defaults when absent, an error under another precision).
 fn validate_variant(
     name: &str,
+    version: u64,
     variant: &RawVariant,
     defaults: &ServingSettings,
     source: &Source,
@@ -86,6 +93,15 @@ fn validate_variant(
         return Err(source.error(
             &["variants", name],
             format!("variant name `{name}` must be non-empty and use only letters, digits, '_', '-' or '.'"),
+        ));
+    }
+    // `model_version` takes a version number or a name; an all-digit name would be both.
+    if name.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Err(source.error(
+            &["variants", name],
+            format!(
+                "variant name `{name}` is all digits and would read as a version number; name it with a letter (e.g. `v{name}`) and give `version: {name}` if that number is wanted"
+            ),
         ));
     }
     let serving = merge_serving(defaults, &variant.serving)
@@ -102,7 +118,7 @@ fn validate_variant(
     if let Some(options) = int8.as_mut() {
         check_int8(name, options, source)?;
     }
-    Ok(VariantSpec { name: name.to_owned(), precision: variant.precision, fp16, int8, serving })
+    Ok(VariantSpec { name: name.to_owned(), version, precision: variant.precision, fp16, int8, serving })
 }
 
 /// Checks a variant's INT8 options and resolves its `calibration_data` against the policy's
@@ -143,48 +159,54 @@ fn check_int8(name: &str, options: &mut Int8Options, source: &Source) -> Result<
 }
 
 /// The variant for unversioned requests: `routing.default`, else the only variant, else the
-/// first variant of the split.
+/// first variant of the split (in name order). Given by name or version; kept as the name.
 fn validate_default(
     routing: &RawRouting,
-    raw_variants: &BTreeMap<String, RawVariant>,
+    known: &Known,
     variants: &[VariantSpec],
     source: &Source,
 ) -> Result<String, PolicyError> {
     match &routing.default {
-        Some(name) if raw_variants.contains_key(name) => Ok(name.clone()),
-        Some(name) => {
-            let known = known_names(raw_variants);
-            Err(source
-                .error(&["routing", "default"], format!("names unknown variant `{name}`; expected one of {known:?}")))
-        }
+        Some(reference) => match known.resolve(reference) {
+            Some(name) => Ok(name.to_owned()),
+            None => Err(source.error(&["routing", "default"], unknown_variant(reference, known))),
+        },
         None if variants.len() == 1 => Ok(variants[0].name.clone()),
-        None if routing.split.is_some() => {
-            Ok(routing.split.as_ref().and_then(|s| s.keys().next().cloned()).unwrap_or_default())
-        }
+        None if routing.split.is_some() => Ok(routing
+            .split
+            .iter()
+            .flat_map(|split| split.keys())
+            .filter_map(|reference| known.resolve(reference))
+            .min()
+            .unwrap_or_default()
+            .to_owned()),
         None => Err(source
             .error(&["routing"], "`routing.default` is required when a policy has more than one variant".to_owned())),
     }
 }
 
-/// `routing.split`: every name a known variant and every weight above zero, since a zero
-/// entry would look like a live arm while receiving nothing.
-fn validate_split(
-    routing: &RawRouting,
-    raw_variants: &BTreeMap<String, RawVariant>,
-    source: &Source,
-) -> Result<Option<Split>, PolicyError> {
+/// `routing.split`: every entry a known variant (by name or version, each variant once) and
+/// every weight above zero, since a zero entry would look like a live arm while receiving
+/// nothing. The weights are kept by name, in name order, so that a caller's sticky key maps
+/// to the same variant however the policy spells it.
+fn validate_split(routing: &RawRouting, known: &Known, source: &Source) -> Result<Option<Split>, PolicyError> {
     let Some(weights) = &routing.split else {
         if routing.key.is_some() {
             return Err(source.error(&["routing", "key"], "`key` only applies with a `split`".to_owned()));
         }
         return Ok(None);
     };
-    if let Some(unknown) = weights.keys().find(|name| !raw_variants.contains_key(*name)) {
-        let known = known_names(raw_variants);
-        return Err(source.error(
-            &["routing", "split", unknown],
-            format!("names unknown variant `{unknown}`; expected one of {known:?}"),
-        ));
+    let mut by_name: BTreeMap<&str, (&str, u32)> = BTreeMap::new();
+    for (reference, weight) in weights {
+        let Some(name) = known.resolve(reference) else {
+            return Err(source.error(&["routing", "split", reference], unknown_variant(reference, known)));
+        };
+        if let Some((first, _)) = by_name.insert(name, (reference, *weight)) {
+            return Err(source.error(
+                &["routing", "split", reference],
+                format!("variant `{name}` is listed twice, as `{first}` and as `{reference}`"),
+            ));
+        }
     }
     if let Some((name, _)) = weights.iter().find(|(_, weight)| **weight == 0) {
         return Err(
@@ -201,7 +223,7 @@ fn validate_split(
         ));
     }
     Ok(Some(Split {
-        weights: weights.iter().map(|(name, weight)| (name.clone(), *weight)).collect(),
+        weights: by_name.into_iter().map(|(name, (_, weight))| (name.to_owned(), weight)).collect(),
         key: routing.key.clone().unwrap_or_else(|| "routing_key".to_owned()),
     }))
 }
@@ -211,17 +233,20 @@ fn validate_split(
 fn validate_drift(
     drift: RawDrift,
     default_variant: &str,
-    raw_variants: &BTreeMap<String, RawVariant>,
+    known: &Known,
     source: &Source,
 ) -> Result<DriftSettings, PolicyError> {
     let holdout = source.resolve(&drift.holdout_data);
     if !holdout.exists() {
         return Err(source.error(&["drift", "holdout_data"], format!("{} does not exist", holdout.display())));
     }
-    let reference = drift.reference.clone().unwrap_or_else(|| default_variant.to_owned());
-    if !raw_variants.contains_key(&reference) {
-        return Err(source.error(&["drift", "reference"], format!("names unknown variant `{reference}`")));
-    }
+    let reference = match &drift.reference {
+        None => default_variant.to_owned(),
+        Some(reference) => known
+            .resolve(reference)
+            .ok_or_else(|| source.error(&["drift", "reference"], unknown_variant(reference, known)))?
+            .to_owned(),
+    };
     Ok(DriftSettings {
         holdout_data: holdout,
         reference,
@@ -353,14 +378,11 @@ pub(super) fn validate_parts_file(
 }
 
 /// The `shadow:` section is deserialized straight into its typed form; only its values are
-/// left to check.
-fn check_shadow(
-    shadow: &ShadowSettings,
-    raw_variants: &BTreeMap<String, RawVariant>,
-    source: &Source,
-) -> Result<(), PolicyError> {
-    if !raw_variants.contains_key(&shadow.reference) {
-        return Err(source.error(&["shadow", "reference"], format!("names unknown variant `{}`", shadow.reference)));
+/// left to check, and its reference to resolve to a name.
+fn check_shadow(mut shadow: ShadowSettings, known: &Known, source: &Source) -> Result<ShadowSettings, PolicyError> {
+    match known.resolve(&shadow.reference) {
+        Some(name) => shadow.reference = name.to_owned(),
+        None => return Err(source.error(&["shadow", "reference"], unknown_variant(&shadow.reference, known))),
     }
     if !(0.0..=1.0).contains(&shadow.sample_rate) {
         return Err(
@@ -370,12 +392,11 @@ fn check_shadow(
     if shadow.queue_size == 0 {
         return Err(source.error(&["shadow", "queue_size"], "expected at least 1, got 0".to_owned()));
     }
-    Ok(())
+    Ok(shadow)
 }
 
-/// Variant names for "expected one of" messages, in name order.
-fn known_names(raw_variants: &BTreeMap<String, RawVariant>) -> Vec<&str> {
-    raw_variants.keys().map(String::as_str).collect()
+fn unknown_variant(reference: &str, known: &Known) -> String {
+    format!("names unknown variant `{reference}`; expected the name or version of one of: {}", known.listing())
 }
 
 /// A pass's options section (`fp16:`, `int8:`): defaults when the variant has the pass's

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use mantissa_preparation::facts::{BuildFacts, Fp16Facts, Int8Facts};
 use mantissa_proto::inference::{
-    ModelConfig, ModelDynamicBatching, ModelInput, ModelInstanceGroup, ModelOutput, ModelParameter, model_config,
-    model_instance_group,
+    ModelConfig, ModelDynamicBatching, ModelInput, ModelInstanceGroup, ModelOutput, ModelParameter, ModelVersionPolicy,
+    model_config, model_instance_group, model_version_policy,
 };
 use mantissa_runtime::{ModelSignature, TensorSpec};
 
@@ -23,8 +23,15 @@ pub fn model_config(served: &ServedModel, variant: &Variant, signature: &ModelSi
     let serving = &variant.spec.serving;
     let mut parameters = Parameters::default();
     parameters.set("variant", &variant.spec.name);
+    parameters.set("version", variant.spec.version);
+    // Every version with its variant, so one ModelConfig tells which number is which.
+    let versions: Vec<String> = served.variants.iter().map(Variant::label).collect();
+    parameters.set("versions", versions.join(", "));
     parameters.set("precision", variant.spec.precision.as_str());
     parameters.set("default_variant", &served.entry.policy.default_variant);
+    if let Ok(default) = served.variant("") {
+        parameters.set("default_version", default.spec.version);
+    }
     parameters.set("intra_op_threads", serving.intra_op_threads);
     if let Some(facts) = variant.facts() {
         render_facts(&facts, &mut parameters);
@@ -33,6 +40,12 @@ pub fn model_config(served: &ServedModel, variant: &Variant, signature: &ModelSi
         name: served.name().to_owned(),
         platform: "onnxruntime_onnx".to_owned(),
         backend: "onnxruntime".to_owned(),
+        // Every variant is served at once, under its own version number.
+        version_policy: Some(ModelVersionPolicy {
+            policy_choice: Some(model_version_policy::PolicyChoice::Specific(model_version_policy::Specific {
+                versions: served.variants.iter().map(|v| v.spec.version as i64).collect(),
+            })),
+        }),
         max_batch_size: signature.max_batch_size as i32,
         input: signature
             .inputs

@@ -2,6 +2,7 @@
 //! and the registry's domain types; all checks live in `validation`, all work in the
 //! scheduling layer's workers, and ModelConfig is assembled in `model_config`.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +29,13 @@ use crate::telemetry::metrics;
 
 /// Protocol extensions this server implements, as listed by ServerMetadata.
 pub const EXTENSIONS: &[&str] = &["model_configuration", "statistics"];
+
+/// The response parameter that names the variant behind the numeric `model_version`.
+pub const VARIANT_PARAMETER: &str = "variant";
+
+fn text_parameter(text: &str) -> InferParameter {
+    InferParameter { parameter_choice: Some(infer_parameter::ParameterChoice::StringParam(text.to_owned())) }
+}
 
 /// The gRPC service: a cheap handle over the shared registry.
 #[derive(Debug, Clone)]
@@ -69,10 +77,13 @@ impl InferenceService {
         let result = self.run_on(served.name(), variant, &pool, request, received, client_timeout).await;
         pool.statistics().record_request(result.is_ok(), received.elapsed());
         let outputs = result?;
+        // The version number says which variant served, as Triton's clients expect; the
+        // `variant` parameter names it for a person.
         let mut response = ModelInferResponse {
             model_name: served.name().to_owned(),
-            model_version: variant.spec.name.clone(),
+            model_version: variant.version(),
             id: request.id.clone(),
+            parameters: HashMap::from([(VARIANT_PARAMETER.to_owned(), text_parameter(&variant.spec.name))]),
             ..Default::default()
         };
         for output in outputs {
@@ -104,7 +115,7 @@ impl InferenceService {
         let deadline = effective_deadline(received, client_timeout, variant.spec.serving.default_timeout);
         let receiver = pool.submit(valid, deadline).map_err(|err| match err {
             SubmitError::Full { capacity } => {
-                ServeError::QueueFull { model: model.to_owned(), version: variant.spec.name.clone(), capacity }
+                ServeError::QueueFull { model: model.to_owned(), version: variant.label(), capacity }
             }
             SubmitError::Closed => ServeError::ShuttingDown,
         })?;
@@ -153,7 +164,7 @@ fn effective_deadline(received: Instant, client: Option<Duration>, default: Opti
 fn ready_pool(served: &ServedModel, variant: &Variant) -> Result<Arc<WorkerPool>, ServeError> {
     variant.pool().map_err(|reason| ServeError::NotReady {
         model: served.name().to_owned(),
-        version: variant.spec.name.clone(),
+        version: variant.label(),
         reason,
     })
 }
@@ -217,7 +228,7 @@ impl GrpcInferenceService for InferenceService {
         let signature = pool.signature();
         Ok(Response::new(ModelMetadataResponse {
             name: served.name().to_owned(),
-            versions: served.version_names(),
+            versions: served.version_numbers(),
             platform: "onnxruntime_onnx".to_owned(),
             inputs: tensor_metadata(&signature.inputs),
             outputs: tensor_metadata(&signature.outputs),
@@ -287,7 +298,7 @@ impl GrpcInferenceService for InferenceService {
             };
             for variant in variants {
                 if let Ok(pool) = variant.pool() {
-                    model_stats.push(pool.statistics().proto(served.name(), &variant.spec.name));
+                    model_stats.push(pool.statistics().proto(served.name(), &variant.version()));
                 }
             }
         }
@@ -308,7 +319,7 @@ impl GrpcInferenceService for InferenceService {
                 }
                 models.push(ModelIndex {
                     name: served.name().to_owned(),
-                    version: variant.spec.name.clone(),
+                    version: variant.version(),
                     state: state.to_owned(),
                     reason,
                 });

@@ -23,6 +23,9 @@ use mantissa_runtime::{
     load_environment, open_session, signature_of,
 };
 
+use crate::commands::bench_inputs::{
+    DatatypeArg, InputSpec, Overrides, ShapeArg, datatype_arg, file_inputs, random_inputs, shape_arg,
+};
 use crate::commands::duration_arg;
 
 #[derive(Debug, Args)]
@@ -33,7 +36,8 @@ pub struct BenchArgs {
     /// Model to load-test.
     #[arg(long)]
     pub model: String,
-    /// Model version (Mantissa: variant); empty follows the server's routing.
+    /// Model version: a version number or (Mantissa) a variant name; empty follows the
+    /// server's routing.
     #[arg(long, default_value = "")]
     pub model_version: String,
     /// Rows per request along the batch dimension.
@@ -54,9 +58,18 @@ pub struct BenchArgs {
     /// Warm-up time before each level, not measured.
     #[arg(long, value_parser = duration_arg, default_value = "1s")]
     pub warmup: Duration,
-    /// Take inputs from an .npz file (keys = input names, rows along dimension 0); default random.
+    /// Take inputs from an .npz file (keys = input names, rows along dimension 0; its arrays
+    /// give the shapes, and the inputs when the server's metadata lists none); default random.
     #[arg(long)]
     pub input_data: Option<PathBuf>,
+    /// The whole shape of one request's input, batch dimension included (NAME=D0,D1,...), for
+    /// random inputs whose metadata shape has variable dimensions or is missing. Repeatable.
+    #[arg(long = "shape", value_name = "NAME=DIMS", value_parser = shape_arg)]
+    pub shapes: Vec<ShapeArg>,
+    /// Datatype of a random input the server's metadata does not list (NAME=TYPE; default
+    /// FP32). Repeatable.
+    #[arg(long = "datatype", value_name = "NAME=TYPE", value_parser = datatype_arg)]
+    pub datatypes: Vec<DatatypeArg>,
     /// Also run the model in-process on ONNX Runtime, with the instances and threads of its policy
     /// in this model repository, and print the server/in-process throughput ratio.
     #[arg(long)]
@@ -152,22 +165,16 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         .map_err(|status| fail(format!("ModelMetadata for '{}': {}", args.model, status.message())))?
         .into_inner();
 
-    let specs: Vec<(String, DataType, Vec<i64>)> = metadata
-        .inputs
-        .iter()
-        .map(|input| {
-            let datatype = DataType::parse(&input.datatype)
-                .ok_or_else(|| fail(format!("server reports unknown datatype {}", input.datatype)))?;
-            let mut shape: Vec<i64> = input.shape.iter().map(|&dim| if dim < 0 { 1 } else { dim }).collect();
-            if input.shape.first() == Some(&-1) {
-                shape[0] = args.batch_size as i64;
-            }
-            Ok((input.name.clone(), datatype, shape))
-        })
-        .collect::<Result<_, BenchError>>()?;
+    let flags = Overrides { shapes: &args.shapes, datatypes: &args.datatypes, batch_size: args.batch_size };
     let request_set = match &args.input_data {
-        Some(path) => requests_from_npz(path, &specs, args.batch_size)?,
-        None => vec![random_request(&specs), random_request(&specs), random_request(&specs), random_request(&specs)],
+        Some(path) => {
+            let wanted = file_inputs(&args.model, &metadata.inputs, flags, path).map_err(fail)?;
+            requests_from_npz(path, &wanted, args.batch_size)?
+        }
+        None => {
+            let specs = random_inputs(&args.model, &metadata.inputs, flags).map_err(fail)?;
+            vec![random_request(&specs), random_request(&specs), random_request(&specs), random_request(&specs)]
+        }
     };
     let request_set = Arc::new(request_set);
 
@@ -257,11 +264,11 @@ fn breakdown(before: &Totals, after: &Totals) -> ServerBreakdown {
     }
 }
 
-fn random_request(specs: &[(String, DataType, Vec<i64>)]) -> Vec<PreparedInput> {
+fn random_request(specs: &[InputSpec]) -> Vec<PreparedInput> {
     let mut rng = rand::rng();
     specs
         .iter()
-        .map(|(name, datatype, shape)| {
+        .map(|InputSpec { name, datatype, shape }| {
             let elements: usize = shape.iter().map(|&dim| dim as usize).product();
             let raw = match datatype {
                 DataType::Fp32 => (0..elements).flat_map(|_| rng.random::<f32>().to_le_bytes()).collect(),
@@ -293,11 +300,10 @@ fn random_request(specs: &[(String, DataType, Vec<i64>)]) -> Vec<PreparedInput> 
 
 fn requests_from_npz(
     path: &Path,
-    specs: &[(String, DataType, Vec<i64>)],
+    wanted: &[(String, DataType)],
     batch: usize,
 ) -> Result<Vec<Vec<PreparedInput>>, BenchError> {
-    let wanted: Vec<(String, DataType)> = specs.iter().map(|(name, datatype, _)| (name.clone(), *datatype)).collect();
-    let arrays = read_inputs(path, &wanted).map_err(|err| fail(err.to_string()))?;
+    let arrays = read_inputs(path, wanted).map_err(|err| fail(err.to_string()))?;
     let columns: Vec<(Vec<u8>, Vec<usize>, usize)> = arrays
         .into_iter()
         .map(|array| {
@@ -311,10 +317,10 @@ fn requests_from_npz(
     }
     let mut requests = Vec::new();
     for start in (0..=rows - batch).step_by(batch) {
-        let inputs = specs
+        let inputs = wanted
             .iter()
             .zip(&columns)
-            .map(|((name, datatype, _), (bytes, shape, size))| {
+            .map(|((name, datatype), (bytes, shape, size))| {
                 let row_bytes = shape[1..].iter().product::<usize>() * size;
                 let mut request_shape: Vec<i64> = shape.iter().map(|&dim| dim as i64).collect();
                 request_shape[0] = batch as i64;
@@ -456,7 +462,7 @@ async fn run_in_process(
         if args.model_version.is_empty() { entry.policy.default_variant.clone() } else { args.model_version.clone() };
     let spec = entry
         .policy
-        .variant(&version)
+        .find_variant(&version)
         .ok_or_else(|| fail(format!("model '{}' has no variant '{version}'", args.model)))?
         .clone();
     let environment = Arc::new(load_environment(args.ort_library.as_deref()).map_err(|err| fail(err.to_string()))?);

@@ -3,6 +3,7 @@
 
 pub mod analyze;
 pub mod bench;
+pub mod bench_inputs;
 pub mod quantize;
 
 use std::time::Duration;

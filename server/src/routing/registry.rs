@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use mantissa_model_store::{ModelEntry, VariantSpec};
+use mantissa_model_store::{ModelEntry, VariantSpec, parse_version};
 
 use crate::error::ServeError;
 use crate::facts::VariantFacts;
@@ -26,6 +26,16 @@ pub struct Variant {
 }
 
 impl Variant {
+    /// The version number as the protocol carries it.
+    pub fn version(&self) -> String {
+        self.spec.version.to_string()
+    }
+
+    /// Version and name together, for messages a person reads: `3 (int8)`.
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.spec.version, self.spec.name)
+    }
+
     /// The running workers, or why there are none.
     pub fn pool(&self) -> Result<Arc<WorkerPool>, String> {
         match &*self.state.read().unwrap_or_else(|poison| poison.into_inner()) {
@@ -75,17 +85,25 @@ impl ServedModel {
         &self.entry.name
     }
 
-    pub fn version_names(&self) -> Vec<String> {
-        self.variants.iter().map(|variant| variant.spec.name.clone()).collect()
+    /// The numeric versions of every variant, lowest first, as ModelMetadata lists them.
+    pub fn version_numbers(&self) -> Vec<String> {
+        let mut versions: Vec<u64> = self.variants.iter().map(|variant| variant.spec.version).collect();
+        versions.sort_unstable();
+        versions.into_iter().map(|version| version.to_string()).collect()
     }
 
-    /// The variant a request addresses: an explicit `model_version`, or the policy's default.
+    /// The variant a request addresses: `model_version` as a version number or a variant
+    /// name, or the policy's default when it is empty.
     pub fn variant(&self, version: &str) -> Result<&Variant, ServeError> {
         let wanted = if version.is_empty() { self.entry.policy.default_variant.as_str() } else { version };
-        self.variants.iter().find(|variant| variant.spec.name == wanted).ok_or_else(|| ServeError::VersionNotFound {
+        let found = match parse_version(wanted) {
+            Some(number) => self.variants.iter().find(|variant| variant.spec.version == number),
+            None => self.variants.iter().find(|variant| variant.spec.name == wanted),
+        };
+        found.ok_or_else(|| ServeError::VersionNotFound {
             model: self.entry.name.clone(),
             version: version.to_owned(),
-            available: self.version_names(),
+            available: self.variants.iter().map(Variant::label).collect(),
         })
     }
 

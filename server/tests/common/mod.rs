@@ -23,6 +23,11 @@ pub fn fixture_store() -> PathBuf {
     repo_root().join("tests/fixtures/store")
 }
 
+/// Models whose metadata leaves dimensions other than the batch variable.
+pub fn variable_store() -> PathBuf {
+    repo_root().join("tests/fixtures/variable_store")
+}
+
 pub fn mantissa_command() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mantissa"))
 }
@@ -198,4 +203,23 @@ pub fn scrape(addr: &str) -> String {
     let mut text = String::new();
     stream.read_to_string(&mut text).unwrap();
     text
+}
+
+/// The variant name a response's `variant` parameter gives (its `model_version` is the number).
+pub fn served_variant(response: &mantissa_proto::inference::ModelInferResponse) -> String {
+    use mantissa_proto::inference::infer_parameter::ParameterChoice;
+    match response.parameters.get("variant").and_then(|p| p.parameter_choice.as_ref()) {
+        Some(ParameterChoice::StringParam(name)) => name.clone(),
+        other => panic!("response has no string parameter 'variant': {other:?}"),
+    }
+}
+
+/// A temporary store holding `model`'s ONNX file from the store `from`, under `policy`.
+pub fn store_with(model: &str, from: &Path, policy: &str) -> tempfile::TempDir {
+    let store = tempfile::tempdir().unwrap();
+    let directory = store.path().join(model);
+    std::fs::create_dir(&directory).unwrap();
+    std::fs::copy(from.join(model).join("model.onnx"), directory.join("model.onnx")).unwrap();
+    std::fs::write(directory.join("policy.yaml"), policy).unwrap();
+    store
 }
