@@ -21,11 +21,12 @@ EXIT_TIMEOUT_S = 2.0
 
 
 def minilm_store(tmp_path):
-    directory = model_dir("minilm-l6")
+    directory = model_dir("minilm-l6-int8")  # one of corpus_models.txt
     target = tmp_path / "store" / "minilm"
     target.mkdir(parents=True)
     (target / "model.onnx").symlink_to(directory / "model.onnx")
-    # Batch-4 requests on a batch-4 variant: each request is one run of its own.
+    # The INT8 MiniLM served as it is. Batch-4 requests on a batch-4 variant: each request is
+    # one run of its own.
     (target / "policy.yaml").write_text(
         "serving:\n  max_batch_size: 4\n  instances: 1\n  intra_op_threads: 2\n"
         "variants:\n  fp32:\n    precision: fp32\n"
