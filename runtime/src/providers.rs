@@ -202,6 +202,11 @@ impl fmt::Display for ProviderError {
                  (onnxruntime/capi/ inside it) passed with --ort-library, with the CUDA 13 and cuDNN 9 \
                  libraries on LD_LIBRARY_PATH"
             )?;
+        } else if self.stage == ProviderStage::Registration && self.reason.contains("libcuda.so") {
+            write!(
+                f,
+                "; libcuda.so.1 comes with the NVIDIA driver, which is not installed or not on the loader's path"
+            )?;
         } else if self.stage == ProviderStage::Registration {
             write!(
                 f,
@@ -280,6 +285,15 @@ mod tests {
         let text = cuda_error(&available, ProviderStage::Registration).to_string();
         assert!(!text.contains("onnxruntime-gpu"), "{text}");
         assert!(text.contains("LD_LIBRARY_PATH"), "{text}");
+        let mut no_driver = cuda_error(&available, ProviderStage::Registration);
+        no_driver.reason = "Failed to load library libonnxruntime_providers_cuda.so with error: libcuda.so.1: cannot open shared object file".to_owned();
+        let text = no_driver.to_string();
+        assert!(
+            text.ends_with(
+                "libcuda.so.1 comes with the NVIDIA driver, which is not installed or not on the loader's path"
+            ),
+            "{text}"
+        );
         let text = cuda_error(&available, ProviderStage::SessionCreation).to_string();
         assert!(
             text.starts_with("cannot create a session on execution provider cuda (CUDAExecutionProvider, device 0): "),
