@@ -33,6 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SEQUENCE = 128  # MiniLM inputs are padded or cut to one length, so TensorRT builds one engine
 PROVIDERS = ("cpu", "cuda", "tensorrt")
+MODELS = ("minilm", "digits_cnn")
 
 
 @dataclass
@@ -69,6 +70,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", type=int, default=0, help="GPU device id")
     parser.add_argument("--minilm", type=Path, default=REPO / ".corpus/models/minilm-l6",
                         help="corpus directory of the MiniLM-class model (model.onnx, holdout/*.npz)")
+    parser.add_argument("--models", default="minilm,digits_cnn", help="comma-separated: minilm, digits_cnn")
     parser.add_argument("--duration", default="5s", help="measured time per concurrency level and in-process run")
     parser.add_argument("--concurrency", default="1,16", help="concurrency levels of the server benchmark")
     parser.add_argument("--startup-timeout", type=float, default=240.0, help="seconds to wait for readiness")
@@ -79,10 +81,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [p for p in args.providers if p not in PROVIDERS]
     if unknown or not args.providers:
         parser.error(f"--providers: expected some of {', '.join(PROVIDERS)}, got {args.providers}")
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not args.models or any(m not in MODELS for m in args.models):
+        parser.error(f"--models: expected some of {', '.join(MODELS)}, got {args.models}")
     for path, what in [(args.bin, "--bin"), (args.ort_library, "--ort-library")]:
         if not path.is_file():
             parser.error(f"{what}: {path} does not exist")
-    if not (args.minilm / "model.onnx").is_file():
+    if "minilm" in args.models and not (args.minilm / "model.onnx").is_file():
         parser.error(f"--minilm: {args.minilm}/model.onnx does not exist "
                      "(make it with: python3 scripts/corpus/fetch.py --only minilm-l6)")
     return args
@@ -103,12 +108,15 @@ def minilm_inputs(directory: Path, rows: int) -> dict[str, np.ndarray]:
 
 
 def models(args: argparse.Namespace) -> list[Model]:
-    digits = np.load(REPO / "examples/models/digits_cnn/test_data.npz")
-    return [
-        Model("minilm", args.minilm / "model.onnx", 8, minilm_inputs(args.minilm, 64), "last_hidden_state"),
-        Model("digits_cnn", REPO / "examples/models/digits_cnn/model.onnx", 64,
-              {"input": digits["input"][:448]}, "logits"),
-    ]
+    checked = []
+    if "minilm" in args.models:
+        inputs = minilm_inputs(args.minilm, 64)
+        checked.append(Model("minilm", args.minilm / "model.onnx", 8, inputs, "last_hidden_state"))
+    if "digits_cnn" in args.models:
+        digits = np.load(REPO / "examples/models/digits_cnn/test_data.npz")
+        checked.append(Model("digits_cnn", REPO / "examples/models/digits_cnn/model.onnx", 64,
+                             {"input": digits["input"][:448]}, "logits"))
+    return checked
 
 
 def variant_names(providers: list[str]) -> list[tuple[str, str, str]]:
