@@ -5,14 +5,17 @@
 //! strictly (unknown keys are errors) and validated into typed settings; every error names the
 //! file, the line and the key.
 
+mod byte_size;
 mod duration;
 mod policy;
 mod repository;
 mod yaml_location;
 
+pub use byte_size::parse_byte_size;
 pub use duration::parse_duration;
 pub use policy::{
-    BudgetMiss, DriftBudget, DriftSettings, PartBudget, PartSlice, Policy, PolicyError, Precision, ServingSettings,
-    ShadowSettings, Split, Top1Axis, VariantSpec, load_budget_parts, parse_budget_parts, parse_version,
+    BudgetMiss, DriftBudget, DriftSettings, ExecutionProviderSpec, GpuProvider, GpuProviderSpec, PartBudget, PartSlice,
+    Policy, PolicyError, Precision, ServingSettings, ShadowSettings, Split, TensorRtSpec, Top1Axis, VariantSpec,
+    load_budget_parts, parse_budget_parts, parse_version,
 };
 pub use repository::{ModelEntry, RepositoryError, scan_repository};

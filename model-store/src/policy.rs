@@ -15,6 +15,7 @@
 //!     precision: fp32
 //!     serving:          # optional per-variant overrides
 //!       instances: 2
+//!     execution_provider: cpu   # or cuda, tensorrt, or a map with `kind` (see `provider`)
 //! routing:
 //!   default: fp32
 //! ```
@@ -26,6 +27,9 @@
 //! the typed result and depends on neither stage.
 
 mod part_slice;
+mod provider;
+#[cfg(test)]
+mod provider_tests;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -38,8 +42,8 @@ use std::path::Path;
 
 pub use part_slice::PartSlice;
 pub use types::{
-    BudgetMiss, DriftBudget, DriftSettings, PartBudget, Policy, PolicyError, Precision, ServingSettings,
-    ShadowSettings, Split, Top1Axis, VariantSpec, parse_version,
+    BudgetMiss, DriftBudget, DriftSettings, ExecutionProviderSpec, GpuProvider, GpuProviderSpec, PartBudget, Policy,
+    PolicyError, Precision, ServingSettings, ShadowSettings, Split, TensorRtSpec, Top1Axis, VariantSpec, parse_version,
 };
 
 // Loading is implemented here rather than beside the type because it runs both stages, and

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use mantissa_runtime::ModelSource;
+
 use crate::facts::BuildFacts;
 
 /// Bumped whenever a pass changes its output for the same inputs.
@@ -69,6 +71,21 @@ impl ArtifactCache {
         let directory = self.root.join(model);
         let stem = format!("{variant}-{}", &key[..32]);
         (directory.join(format!("{stem}.onnx")), directory.join(format!("{stem}.json")))
+    }
+
+    /// Where TensorRT keeps the engines it builds for one variant, named by the variant's
+    /// model bytes. TensorRT's own engine names hash the graph's structure, not its weights, so
+    /// a re-quantized artifact of the same shape would otherwise load the old engine.
+    pub fn engine_cache_dir(&self, model: &str, variant: &str, source: &ModelSource) -> std::io::Result<PathBuf> {
+        let digest = match source {
+            ModelSource::Memory(bytes) => hex(&Sha256::digest(bytes)),
+            ModelSource::File(path) => {
+                let mut hasher = Sha256::new();
+                hash_file(&mut hasher, path)?;
+                hex(&hasher.finalize())
+            }
+        };
+        Ok(self.root.join(model).join("tensorrt").join(format!("{variant}-{}", &digest[..32])))
     }
 
     /// The cached artifact and its build facts, if present and intact.
@@ -147,6 +164,16 @@ mod tests {
         let (artifact, _) = cache.paths("m", "fp16", &key);
         std::fs::write(&artifact, b"artif").unwrap();
         assert_eq!(cache.load("m", "fp16", &key), None);
+
+        // Engines are kept per model bytes.
+        let engines = |bytes: &[u8]| cache.engine_cache_dir("m", "trt", &ModelSource::Memory(bytes.into())).unwrap();
+        assert_eq!(engines(b"a"), engines(b"a"));
+        assert_ne!(engines(b"a"), engines(b"b"));
+        assert!(engines(b"a").starts_with(dir.path().join("m/tensorrt")));
+        assert_eq!(
+            cache.engine_cache_dir("m", "trt", &ModelSource::File(model.clone())).unwrap(),
+            engines(b"model bytes")
+        );
 
         // A changed model file changes the key.
         std::fs::write(&model, b"other model").unwrap();

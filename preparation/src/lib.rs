@@ -16,6 +16,7 @@
 //!   detection head's boxes and scores), which the comparison measures on their own, and
 //!   [`named_parts`], the parts a policy names with thresholds of their own;
 //! - [`cache`] and [`cached`]: the content-addressed artifact cache and building through it;
+//! - [`providers`]: the policy's execution provider as the runtime's session setting;
 //! - [`facts`]: typed facts about how a variant was built;
 //! - [`error`]: the one error type, [`PrepareError`].
 //!
@@ -36,6 +37,7 @@ pub mod int8;
 pub mod named_parts;
 pub mod output_parts;
 pub mod prefix_search;
+pub mod providers;
 pub mod search;
 pub mod segmented;
 pub mod sensitivity;
@@ -45,3 +47,4 @@ pub use cache::ArtifactCache;
 pub use cached::build_variant_cached;
 pub use error::PrepareError;
 pub use facts::BuildFacts;
+pub use providers::{session_provider, wants_engine_cache};

@@ -2,6 +2,7 @@
 //! every session is built from.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use ort::environment::Environment;
 
@@ -20,6 +21,15 @@ pub enum OrtSetupError {
     Load { path: PathBuf, reason: String },
     #[error("cannot create the ONNX Runtime environment: {0}")]
     Environment(String),
+}
+
+/// The library [`init_environment`] loaded: ONNX Runtime is loaded once per process, so this
+/// is a process-wide fact, and provider errors name it.
+static LOADED_LIBRARY: OnceLock<PathBuf> = OnceLock::new();
+
+/// The ONNX Runtime library this process loaded, once it has.
+pub fn loaded_library() -> Option<&'static Path> {
+    LOADED_LIBRARY.get().map(PathBuf::as_path)
 }
 
 /// Picks the library: an explicit path (flag or `ORT_DYLIB_PATH`) wins; otherwise the file next
@@ -59,6 +69,7 @@ pub fn init_environment(library: &Path) -> Result<Environment, OrtSetupError> {
         .with_telemetry(false)
         .build()
         .map_err(|err| OrtSetupError::Environment(err.to_string()))?;
+    let _ = LOADED_LIBRARY.set(library.canonicalize().unwrap_or_else(|_| library.to_owned()));
     tracing::info!(library = %library.display(), "loaded ONNX Runtime");
     Ok(environment)
 }

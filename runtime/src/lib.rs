@@ -6,6 +6,7 @@
 //! - [`tensor`]: typed input and output tensors and the [`InferenceRequest`] they travel in.
 //! - [`bytes_layout`]: the length-prefixed layout of BYTES (string) tensors.
 //! - [`signature`]: what a session takes and returns, and whether it batches.
+//! - [`providers`]: execution providers (CPU, CUDA, TensorRT) and why one is unavailable.
 //! - [`session`]: where a model comes from ([`ModelSource`]) and opening sessions on it.
 //! - [`execute`]: running a request on a session, with timings.
 //! - [`samples`]: `.npz`/`.npy` sample files (calibration, holdout, benchmark inputs).
@@ -19,6 +20,7 @@ pub mod environment;
 pub mod error;
 pub mod execute;
 pub mod memory;
+pub mod providers;
 pub mod samples;
 pub mod session;
 pub mod shared_arena;
@@ -27,9 +29,12 @@ pub mod tensor;
 
 pub use chain::{HeldTensor, execute_link};
 pub use datatype::DataType;
-pub use environment::{OrtSetupError, load_environment};
+pub use environment::{OrtSetupError, load_environment, loaded_library};
 pub use error::RuntimeError;
 pub use execute::{RunTimings, execute, execute_timed, execute_visit, execute_visit_tensors, warmup_request};
+pub use providers::{
+    CudaOptions, ExecutionProvider, ProviderError, ProviderStage, TensorRtOptions, available_providers,
+};
 pub use session::{
     CpuMemory, ModelSource, SessionConfig, open_internal_session, open_internal_session_with, open_session,
 };

@@ -10,6 +10,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 
 use crate::error::RuntimeError;
+use crate::providers::{ExecutionProvider, ProviderStage};
 use crate::signature::{ModelSignature, signature_of};
 
 /// Where a session reads its model from: the FP32 file as it is, or a variant built in memory.
@@ -20,7 +21,7 @@ pub enum ModelSource {
 }
 
 /// Options for building a session.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Intra-op threads; 0 lets ONNX Runtime pick (all cores, which oversubscribes when
     /// several workers share a machine).
@@ -29,6 +30,9 @@ pub struct SessionConfig {
     pub intra_op_spinning: bool,
     /// Where the session's CPU tensors come from.
     pub cpu_memory: CpuMemory,
+    /// Where the session runs. A GPU provider that cannot be registered, or on which the
+    /// session cannot be created, fails the session: falling back is the caller's choice.
+    pub provider: ExecutionProvider,
 }
 
 /// Where a session's CPU tensors come from.
@@ -46,8 +50,12 @@ pub enum CpuMemory {
 impl SessionConfig {
     /// For internal work (calibration, drift checks, the budget search, analysis): ONNX
     /// Runtime picks the threads, idle threads sleep.
-    pub const INTERNAL: SessionConfig =
-        SessionConfig { intra_op_threads: 0, intra_op_spinning: false, cpu_memory: CpuMemory::OwnArena };
+    pub const INTERNAL: SessionConfig = SessionConfig {
+        intra_op_threads: 0,
+        intra_op_spinning: false,
+        cpu_memory: CpuMemory::OwnArena,
+        provider: ExecutionProvider::Cpu,
+    };
     /// [`Self::INTERNAL`] on the shared arena.
     pub const INTERNAL_SHARED_ARENA: SessionConfig =
         SessionConfig { cpu_memory: CpuMemory::SharedArena, ..Self::INTERNAL };
@@ -56,7 +64,7 @@ impl SessionConfig {
 pub fn open_session(
     environment: &Environment,
     model: &ModelSource,
-    config: SessionConfig,
+    config: &SessionConfig,
 ) -> Result<Session, RuntimeError> {
     let describe = |err: ort::Error| RuntimeError::Session(err.to_string());
     let mut builder = Session::builder(environment)
@@ -71,13 +79,22 @@ pub fn open_session(
     builder = builder
         .with_intra_op_spinning(config.intra_op_spinning)
         .map_err(|err| RuntimeError::Session(err.to_string()))?;
+    builder = config.provider.register(builder).map_err(|err| RuntimeError::Provider(Box::new(err)))?;
     if config.cpu_memory == CpuMemory::SharedArena {
         builder = builder.with_env_allocators().map_err(|err| RuntimeError::Session(err.to_string()))?;
     }
-    match model {
-        ModelSource::File(path) => builder.commit_from_file(path).map_err(describe),
-        ModelSource::Memory(bytes) => builder.commit_from_memory(bytes).map_err(describe),
-    }
+    let committed = match model {
+        ModelSource::File(path) => builder.commit_from_file(path),
+        ModelSource::Memory(bytes) => builder.commit_from_memory(bytes),
+    };
+    committed.map_err(|err| match config.provider {
+        ExecutionProvider::Cpu => describe(err),
+        // On a GPU the cause may be the device (none, out of memory) as well as the model; the
+        // caller tells them apart by trying the CPU if the policy allows it.
+        ref provider => {
+            RuntimeError::Provider(Box::new(provider.error(ProviderStage::SessionCreation, err.to_string())))
+        }
+    })
 }
 
 /// A session over an in-memory model for internal work, with the model's signature (no
@@ -96,7 +113,7 @@ pub fn open_internal_session_with(
     config: SessionConfig,
 ) -> Result<(Session, ModelSignature), RuntimeError> {
     let source = ModelSource::Memory(mantissa_quantize::to_bytes(model).into());
-    let session = open_session(environment, &source, config)?;
+    let session = open_session(environment, &source, &config)?;
     let signature = signature_of(&session, Some(0), 0)?;
     Ok((session, signature))
 }

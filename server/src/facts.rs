@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use mantissa_preparation::BuildFacts;
 use mantissa_preparation::accuracy::DriftFigures;
+use mantissa_runtime::ExecutionProvider;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct VariantFacts {
@@ -14,6 +15,37 @@ pub struct VariantFacts {
     pub batch_invariance: Option<BatchInvariance>,
     /// `None` without a drift section, for the reference itself, or when drift was not measured.
     pub drift: Option<StartupDrift>,
+    /// The execution provider the workers run on.
+    pub provider: ProviderFacts,
+}
+
+/// Which execution provider serves a variant, and whether it is the one the policy asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderFacts {
+    pub in_use: ExecutionProvider,
+    /// Set when the policy's provider was not available and `fallback: cpu` moved the variant
+    /// to the CPU.
+    pub fallback: Option<ProviderFallback>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderFallback {
+    /// The provider the policy asked for, as `cuda (device 0)`.
+    pub requested: String,
+    /// The policy's name of it (`cuda`, `tensorrt`).
+    pub requested_kind: &'static str,
+    /// Why it was not used.
+    pub reason: String,
+}
+
+impl ProviderFacts {
+    /// `cuda (device 0)`, `cpu`, or after a fallback `cpu (fallback from cuda)`.
+    pub fn describe(&self) -> String {
+        match &self.fallback {
+            None => self.in_use.describe(),
+            Some(fallback) => format!("{} (fallback from {})", self.in_use.describe(), fallback.requested_kind),
+        }
+    }
 }
 
 /// The outcome of the batch-invariance self-test.

@@ -10,6 +10,7 @@ use mantissa_quantize::passes::fp16::Fp16Options;
 use mantissa_quantize::passes::int8::Int8Options;
 use serde::Deserialize;
 
+use super::provider::RawExecutionProvider;
 use super::types::{BudgetMiss, PolicyError, Precision, ShadowSettings};
 
 /// The whole file. Only `variants` is required; the other sections have defaults.
@@ -57,6 +58,7 @@ pub(super) struct RawVariant {
     pub(super) serving: RawServing,
     pub(super) fp16: Option<Fp16Options>,
     pub(super) int8: Option<Int8Options>,
+    pub(super) execution_provider: Option<RawExecutionProvider>,
 }
 
 /// The `routing:` section; which variant names exist is checked during validation.

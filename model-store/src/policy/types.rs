@@ -114,6 +114,65 @@ pub struct VariantSpec {
     /// `calibration_data` is resolved against the model's directory.
     pub int8: Option<Int8Options>,
     pub serving: ServingSettings,
+    /// Where the variant runs (`execution_provider:`; the CPU when absent).
+    pub execution_provider: ExecutionProviderSpec,
+}
+
+/// A variant's `execution_provider`: the CPU, or a GPU provider with its settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ExecutionProviderSpec {
+    #[default]
+    Cpu,
+    Gpu(GpuProviderSpec),
+}
+
+/// A GPU execution provider as the policy sets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuProviderSpec {
+    pub provider: GpuProvider,
+    pub device_id: u32,
+    /// Cap of the provider's device memory arena in bytes; `None`: no cap.
+    pub gpu_mem_limit: Option<u64>,
+    /// Serve on the CPU, with a warning, when the provider is not available (`fallback: cpu`);
+    /// otherwise the variant fails to load.
+    pub fallback_to_cpu: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuProvider {
+    Cuda,
+    TensorRt(TensorRtSpec),
+}
+
+/// TensorRT's own switches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorRtSpec {
+    /// Allow FP16 kernels.
+    pub fp16: bool,
+    /// Allow INT8 kernels (a QDQ model, as a static int8 variant is, says where).
+    pub int8: bool,
+    /// Keep built engines under the artifact cache (`--cache-dir`) so a restart does not
+    /// build them again; without a cache directory engines are built on every start.
+    pub engine_cache: bool,
+}
+
+impl ExecutionProviderSpec {
+    /// The policy's name of the provider: `cpu`, `cuda`, `tensorrt`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ExecutionProviderSpec::Cpu => "cpu",
+            ExecutionProviderSpec::Gpu(gpu) => gpu.provider.kind(),
+        }
+    }
+}
+
+impl GpuProvider {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GpuProvider::Cuda => "cuda",
+            GpuProvider::TensorRt(_) => "tensorrt",
+        }
+    }
 }
 
 /// A validated policy.
@@ -282,6 +341,7 @@ impl Policy {
                 fp16: None,
                 int8: None,
                 serving: ServingSettings::default(),
+                execution_provider: ExecutionProviderSpec::Cpu,
             }],
             default_variant: "fp32".to_owned(),
             split: None,

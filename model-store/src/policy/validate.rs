@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use mantissa_quantize::passes::int8::{Int8Error, Int8Mode, Int8Options};
 
 use super::part_slice::PartSlice;
+use super::provider::validate_provider;
 use super::raw::{RawBudget, RawDrift, RawParts, RawPolicy, RawRouting, RawServing, RawVariant};
 use super::types::{
     DriftBudget, DriftSettings, PartBudget, Policy, PolicyError, Precision, ServingSettings, ShadowSettings, Split,
@@ -118,7 +119,19 @@ fn validate_variant(
     if let Some(options) = int8.as_mut() {
         check_int8(name, options, source)?;
     }
-    Ok(VariantSpec { name: name.to_owned(), version, precision: variant.precision, fp16, int8, serving })
+    let execution_provider = validate_provider(variant.execution_provider.as_ref()).map_err(|(leaf, message)| {
+        let key: Vec<&str> = ["variants", name, "execution_provider"].into_iter().chain(leaf).collect();
+        source.error(&key, message)
+    })?;
+    Ok(VariantSpec {
+        name: name.to_owned(),
+        version,
+        precision: variant.precision,
+        fp16,
+        int8,
+        serving,
+        execution_provider,
+    })
 }
 
 /// Checks a variant's INT8 options and resolves its `calibration_data` against the policy's

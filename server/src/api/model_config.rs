@@ -11,7 +11,7 @@ use mantissa_proto::inference::{
 };
 use mantissa_runtime::{ModelSignature, TensorSpec};
 
-use crate::facts::{BatchInvariance, BudgetVerdict, StartupDrift, VariantFacts};
+use crate::facts::{BatchInvariance, BudgetVerdict, ProviderFacts, StartupDrift, VariantFacts};
 use crate::routing::registry::{ServedModel, Variant};
 
 /// Dimensions as Triton's ModelConfig lists them: without the batch dimension when batching.
@@ -33,8 +33,9 @@ pub fn model_config(served: &ServedModel, variant: &Variant, signature: &ModelSi
         parameters.set("default_version", default.spec.version);
     }
     parameters.set("intra_op_threads", serving.intra_op_threads);
-    if let Some(facts) = variant.facts() {
-        render_facts(&facts, &mut parameters);
+    let facts = variant.facts();
+    if let Some(facts) = &facts {
+        render_facts(facts, &mut parameters);
     }
     ModelConfig {
         name: served.name().to_owned(),
@@ -67,12 +68,7 @@ pub fn model_config(served: &ServedModel, variant: &Variant, signature: &ModelSi
                 ..Default::default()
             })
             .collect(),
-        instance_group: vec![ModelInstanceGroup {
-            name: format!("{}_{}", served.name(), variant.spec.name),
-            kind: model_instance_group::Kind::Cpu as i32,
-            count: serving.instances as i32,
-            ..Default::default()
-        }],
+        instance_group: vec![instance_group(served, variant, facts.as_ref().map(|facts| &facts.provider))],
         default_model_filename: "model.onnx".to_owned(),
         parameters: parameters.0,
         scheduling_choice: (signature.batches() && serving.dynamic_batching).then(|| {
@@ -83,6 +79,27 @@ pub fn model_config(served: &ServedModel, variant: &Variant, signature: &ModelSi
             })
         }),
         ..Default::default()
+    }
+}
+
+/// The variant's workers as Triton's instance group.
+fn instance_group(served: &ServedModel, variant: &Variant, provider: Option<&ProviderFacts>) -> ModelInstanceGroup {
+    let (kind, gpus) = placement(provider);
+    ModelInstanceGroup {
+        name: format!("{}_{}", served.name(), variant.spec.name),
+        kind: kind as i32,
+        count: variant.spec.serving.instances as i32,
+        gpus,
+        ..Default::default()
+    }
+}
+
+/// KIND_GPU with the device when the workers run on a GPU provider, KIND_CPU otherwise (also
+/// after a fallback to the CPU, and before the variant is ready).
+fn placement(provider: Option<&ProviderFacts>) -> (model_instance_group::Kind, Vec<i32>) {
+    match provider.and_then(|provider| provider.in_use.device_id()) {
+        Some(device) => (model_instance_group::Kind::Gpu, vec![i32::try_from(device).unwrap_or(i32::MAX)]),
+        None => (model_instance_group::Kind::Cpu, Vec::new()),
     }
 }
 
@@ -98,6 +115,11 @@ impl Parameters {
 
 fn render_facts(facts: &VariantFacts, out: &mut Parameters) {
     render_build(&facts.build, out);
+    out.set("execution_provider", facts.provider.describe());
+    if let Some(fallback) = &facts.provider.fallback {
+        out.set("execution_provider_requested", &fallback.requested);
+        out.set("execution_provider_fallback_reason", &fallback.reason);
+    }
     match facts.batch_invariance {
         Some(BatchInvariance::NotRun) => out.set("batch_invariance", "not run (inference failed)"),
         Some(BatchInvariance::Ran { passed, max_abs_diff }) => {
@@ -196,5 +218,40 @@ fn render_drift(drift: &StartupDrift, out: &mut Parameters) {
         Some(BudgetVerdict::Met) => out.set("drift_budget", "met"),
         Some(BudgetVerdict::Missed(miss)) => out.set("drift_budget", format!("missed: {miss}")),
         None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mantissa_runtime::{CudaOptions, ExecutionProvider, TensorRtOptions};
+
+    use super::*;
+    use crate::facts::ProviderFallback;
+
+    #[test]
+    fn gpu_providers_place_the_group_on_their_device() {
+        let cuda = ProviderFacts {
+            in_use: ExecutionProvider::Cuda(CudaOptions { device_id: 1, gpu_mem_limit: None }),
+            fallback: None,
+        };
+        assert_eq!(placement(Some(&cuda)), (model_instance_group::Kind::Gpu, vec![1]));
+        assert_eq!(cuda.describe(), "cuda (device 1)");
+        let trt = ProviderFacts { in_use: ExecutionProvider::TensorRt(TensorRtOptions::default()), fallback: None };
+        assert_eq!(placement(Some(&trt)), (model_instance_group::Kind::Gpu, vec![0]));
+    }
+
+    #[test]
+    fn the_cpu_and_a_fallback_to_it_are_kind_cpu() {
+        let fallback = ProviderFacts {
+            in_use: ExecutionProvider::Cpu,
+            fallback: Some(ProviderFallback {
+                requested: "cuda (device 0)".to_owned(),
+                requested_kind: "cuda",
+                reason: "not available".to_owned(),
+            }),
+        };
+        assert_eq!(placement(Some(&fallback)), (model_instance_group::Kind::Cpu, Vec::new()));
+        assert_eq!(fallback.describe(), "cpu (fallback from cuda)");
+        assert_eq!(placement(None), (model_instance_group::Kind::Cpu, Vec::new()));
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use hdrhistogram::Histogram;
+use mantissa_preparation::ArtifactCache;
 use mantissa_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use mantissa_proto::inference::model_infer_request::InferInputTensor;
 use mantissa_proto::inference::{ModelInferRequest, ModelMetadataRequest};
@@ -77,6 +78,10 @@ pub struct BenchArgs {
     /// ONNX Runtime library for --in-process-store.
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_library: Option<PathBuf>,
+    /// The server's --cache-dir, so that a TensorRT variant run in-process loads the engines
+    /// the server built instead of building its own.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
     /// Print one JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -120,6 +125,8 @@ pub struct LevelReport {
 
 #[derive(Debug, Serialize)]
 pub struct InProcessReport {
+    /// The variant's execution provider (its policy's; no CPU fallback here).
+    pub execution_provider: String,
     pub instances: u32,
     pub intra_op_threads: u32,
     pub runs: u64,
@@ -468,6 +475,14 @@ async fn run_in_process(
     let environment = Arc::new(load_environment(args.ort_library.as_deref()).map_err(|err| fail(err.to_string()))?);
     let model =
         mantissa_preparation::build_variant(&environment, &entry, &spec).map_err(|err| fail(err.to_string()))?.source;
+    let engine_cache = match &args.cache_dir {
+        Some(directory) if mantissa_preparation::wants_engine_cache(&spec.execution_provider) => {
+            let cache = ArtifactCache::new(directory.clone()).map_err(|err| fail(format!("--cache-dir: {err}")))?;
+            Some(cache.engine_cache_dir(&args.model, &version, &model).map_err(|err| fail(err.to_string()))?)
+        }
+        _ => None,
+    };
+    let provider = mantissa_preparation::session_provider(&spec.execution_provider, engine_cache);
     let run = InProcessRun {
         environment,
         model,
@@ -477,6 +492,7 @@ async fn run_in_process(
             intra_op_threads: spec.serving.intra_op_threads,
             intra_op_spinning: spec.serving.intra_op_spinning,
             cpu_memory: mantissa_runtime::CpuMemory::OwnArena,
+            provider: provider.clone(),
         },
         warmup: args.warmup,
         duration: args.duration,
@@ -484,6 +500,7 @@ async fn run_in_process(
     let (total, seconds) =
         tokio::task::spawn_blocking(move || run.run()).await.map_err(|err| fail(err.to_string()))?.map_err(fail)?;
     Ok(InProcessReport {
+        execution_provider: provider.describe(),
         instances: spec.serving.instances,
         intra_op_threads: spec.serving.intra_op_threads,
         runs: total,
@@ -552,7 +569,7 @@ impl InProcessRun {
 
     /// One instance: warm up, wait for the others, then run for the measured duration.
     fn run_instance(&self, barrier: &std::sync::Barrier) -> Result<(u64, f64), String> {
-        let mut session = open_session(&self.environment, &self.model, self.session).map_err(|err| err.to_string())?;
+        let mut session = open_session(&self.environment, &self.model, &self.session).map_err(|err| err.to_string())?;
         let signature = signature_of(&session, None, u32::MAX).map_err(|err| err.to_string())?;
         let mut run_once = |index: usize| {
             let mut request = self.requests[index % self.requests.len()].clone();
@@ -613,8 +630,12 @@ fn print_table(report: &BenchReport) {
     }
     if let Some(in_process) = &report.in_process {
         println!(
-            "in-process ONNX Runtime: {:.1} infer/s ({} instances x {} intra-op threads, {} runs)",
-            in_process.inferences_per_second, in_process.instances, in_process.intra_op_threads, in_process.runs
+            "in-process ONNX Runtime: {:.1} infer/s on {} ({} instances x {} intra-op threads, {} runs)",
+            in_process.inferences_per_second,
+            in_process.execution_provider,
+            in_process.instances,
+            in_process.intra_op_threads,
+            in_process.runs
         );
     }
     if let Some(ratio) = report.server_to_in_process_ratio {

@@ -7,14 +7,15 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mantissa_preparation::{ArtifactCache, build_variant_cached};
-use mantissa_runtime::{Environment, SessionConfig};
+use mantissa_runtime::{Environment, ExecutionProvider, SessionConfig};
 
 use crate::facts::VariantFacts;
+use crate::lifecycle::providers::{start_on_provider, variant_provider};
 use crate::lifecycle::self_test::batch_invariance;
 use crate::lifecycle::startup_drift::check_drift;
 use crate::lifecycle::{LoadedVariant, LoadedVariants};
 use crate::routing::registry::{Registry, ServedModel, Variant, VariantState};
-use crate::scheduling::workers::{WorkerPool, WorkerPoolConfig};
+use crate::scheduling::workers::WorkerPoolConfig;
 use crate::telemetry::metrics;
 
 /// Serving limits that come from the server's configuration rather than a model's policy.
@@ -98,17 +99,28 @@ fn load_variant(
         }
     };
     metrics::set_build_figures(model.name(), &variant.spec.name, started.elapsed(), built.facts.artifact_bytes);
-    let config = pool_config(model, variant, defaults, built.source);
-    match WorkerPool::start(Arc::clone(environment), config) {
-        Ok(pool) => {
+    let mut config = pool_config(model, variant, defaults, built.source);
+    let fail = |reason: String| {
+        tracing::error!(model = model.name(), variant = %variant.spec.name, %reason, "variant failed to load");
+        variant.set(VariantState::Failed(reason));
+        None
+    };
+    match variant_provider(&variant.spec.execution_provider, &config, cache) {
+        Ok(provider) => config.session.provider = provider,
+        Err(reason) => return fail(reason.to_string()),
+    }
+    match start_on_provider(environment, config, &variant.spec.execution_provider) {
+        Ok((pool, provider)) => {
             let facts = VariantFacts {
                 build: built.facts,
                 batch_invariance: batch_invariance(&pool, variant.spec.precision),
                 drift: None,
+                provider,
             };
             tracing::info!(
                 model = model.name(),
                 variant = %variant.spec.name,
+                execution_provider = %facts.provider.describe(),
                 instances = variant.spec.serving.instances,
                 max_batch_size = pool.signature().max_batch_size,
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -116,12 +128,7 @@ fn load_variant(
             );
             Some((Arc::new(pool), facts))
         }
-        Err(reason) => {
-            let reason = reason.to_string();
-            tracing::error!(model = model.name(), variant = %variant.spec.name, %reason, "variant failed to load");
-            variant.set(VariantState::Failed(reason));
-            None
-        }
+        Err(reason) => fail(reason.to_string()),
     }
 }
 
@@ -144,6 +151,9 @@ fn pool_config(
             intra_op_threads: serving.intra_op_threads,
             intra_op_spinning: serving.intra_op_spinning,
             cpu_memory: mantissa_runtime::CpuMemory::OwnArena,
+            // Set from the policy's execution provider once the artifact is known (a TensorRT
+            // engine cache is named by it).
+            provider: ExecutionProvider::Cpu,
         },
         max_batch_size: serving.max_batch_size,
         default_max_batch_size: defaults.max_batch_size,

@@ -2,6 +2,7 @@
 //! variant passes before it serves (batch-invariance self-test, startup drift), and shutdown.
 
 pub mod loading;
+pub mod providers;
 pub mod self_test;
 pub mod startup;
 pub mod startup_drift;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use mantissa_model_store::{RepositoryError, scan_repository};
 use mantissa_preparation::ArtifactCache;
 use mantissa_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
-use mantissa_runtime::{Environment, OrtSetupError, load_environment};
+use mantissa_runtime::{Environment, OrtSetupError, available_providers, load_environment};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
@@ -73,6 +73,8 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let entries = scan_repository(&config.model_store)?;
     let environment = Arc::new(load_environment(config.ort_library.as_deref())?);
+    // Which GPU variants can run at all follows from this list (see lifecycle::providers).
+    tracing::info!(providers = %available_providers().join(", "), "execution providers of the ONNX Runtime library");
     let registry = Arc::new(Registry::new(entries));
     let cache = match &config.cache_dir {
         Some(directory) => Some(

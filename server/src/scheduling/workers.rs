@@ -244,7 +244,7 @@ fn worker_main(context: &WorkerContext<'_>, ready: &std::sync::mpsc::Sender<Resu
 
 fn open_warm_session(context: &WorkerContext<'_>) -> Result<(Session, ModelSignature), RuntimeError> {
     let config = context.config;
-    let mut session = open_session(context.environment, &config.model, config.session)?;
+    let mut session = open_session(context.environment, &config.model, &config.session)?;
     let signature = signature_of(&session, config.max_batch_size, config.default_max_batch_size)?;
     // Warm-up uses synthetic zeros; a model whose inputs are data-dependent (a shape tensor,
     // indices) may reject them, which says nothing about real requests, so it only warns.
