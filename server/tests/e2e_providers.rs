@@ -87,7 +87,8 @@ async fn a_missing_gpu_provider_fails_its_variant_or_falls_back_to_the_cpu() {
 
     // Without fallback: the variant is unavailable, and the reason says what is missing.
     let index = client.repository_index(RepositoryIndexRequest::default()).await.unwrap().into_inner();
-    let cuda = index.models.iter().find(|m| m.version == "cuda").unwrap();
+    // Versions are numbered in policy order: fp32 1, cuda 2, cuda_or_cpu 3, trt_fp16 4.
+    let cuda = index.models.iter().find(|m| m.version == "2").unwrap();
     assert_eq!(cuda.state, "UNAVAILABLE");
     for part in [
         "execution provider cuda (CUDAExecutionProvider, device 0) is not available",
@@ -123,7 +124,7 @@ async fn a_missing_gpu_provider_fails_its_variant_or_falls_back_to_the_cpu() {
     for rows in [1, 5] {
         let cpu = client.model_infer(request("fp32", rows)).await.unwrap().into_inner();
         let fallback = client.model_infer(request("cuda_or_cpu", rows)).await.unwrap().into_inner();
-        assert_eq!(fallback.model_version, "cuda_or_cpu");
+        assert_eq!(fallback.model_version, "3");
         assert_eq!(cpu.raw_output_contents, fallback.raw_output_contents, "{rows} rows");
         assert_eq!(f32_values(&cpu.raw_output_contents[0]).len(), rows * 10);
     }
@@ -145,7 +146,7 @@ async fn a_missing_gpu_provider_fails_its_variant_or_falls_back_to_the_cpu() {
     // laid out under the artifact cache, per variant.
     let trt = config(&mut client, "trt_fp16").await;
     assert_eq!(parameter(&trt, "execution_provider"), "cpu (fallback from tensorrt)");
-    assert_eq!(client.model_infer(request("trt_fp16", 2)).await.unwrap().into_inner().model_version, "trt_fp16");
+    assert_eq!(client.model_infer(request("trt_fp16", 2)).await.unwrap().into_inner().model_version, "4");
     let engines: Vec<String> = std::fs::read_dir(cache.path().join("digits_cnn/tensorrt"))
         .unwrap()
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
