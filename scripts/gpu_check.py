@@ -195,7 +195,9 @@ def variant_state(client, model: str, variant: str, row: Row) -> bool:
     """Fills provider and instance group from ModelConfig; False (with the reason) if not ready."""
     if not client.is_model_ready(model, variant):
         index = client.get_model_repository_index(as_json=True).get("models", [])
-        reasons = [m.get("reason", "") for m in index if m.get("name") == model and m.get("version") == variant]
+        # The index names versions by number; the variants of this model that are not ready.
+        reasons = [f"version {m.get('version')}: {m.get('reason', '')}" for m in index
+                   if m.get("name") == model and m.get("state") != "READY"]
         row.error = "not ready: " + (reasons[0] if reasons else "no reason given")
         return False
     config = client.get_model_config(model, variant, as_json=True)["config"]
