@@ -8,8 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, example_store, f32_bytes, f32_values};
-use mantissa_proto::inference::model_infer_request::InferInputTensor;
+use common::{TestServer, example_store, f32_values};
 use mantissa_proto::inference::*;
 
 const POLICY: &str = "\
@@ -45,18 +44,7 @@ fn store() -> tempfile::TempDir {
 fn request(version: &str, rows: usize) -> ModelInferRequest {
     // Varied pixels, so that identical answers mean something.
     let pixels: Vec<f32> = (0..rows * 64).map(|i| ((i * 37) % 101) as f32 / 100.0).collect();
-    ModelInferRequest {
-        model_name: "digits_cnn".into(),
-        model_version: version.into(),
-        inputs: vec![InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![rows as i64, 1, 8, 8],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![f32_bytes(&pixels)],
-        ..Default::default()
-    }
+    common::digits_cnn_request(version, &pixels)
 }
 
 async fn config(

@@ -6,24 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, example_store, f32_bytes, mantissa_command, run_to_exit, served_variant, store_with};
-use mantissa_proto::inference::model_infer_request::InferInputTensor;
+use common::{TestServer, example_store, mantissa_command, run_to_exit, served_variant, store_with};
 use mantissa_proto::inference::*;
 use tonic::Code;
 
 fn digits_request(version: &str) -> ModelInferRequest {
-    ModelInferRequest {
-        model_name: "digits_cnn".into(),
-        model_version: version.into(),
-        inputs: vec![InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![2, 1, 8, 8],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![f32_bytes(&[0.5; 128])],
-        ..Default::default()
-    }
+    common::digits_cnn_request(version, &[0.5; 128])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -300,19 +300,20 @@ fn run_and_record(context: &WorkerContext<'_>, session: &mut Session, signature:
 /// such jobs are answered (if anyone listens), counted, and never run.
 fn still_wanted(job: Job, config: &WorkerPoolConfig) -> Option<Job> {
     let now = Instant::now();
+    let cut = drain::cut_now(now);
     // The deadline is checked first: a caller whose deadline passed has usually gone too.
     let reason = if job.deadline.is_some_and(|deadline| now >= deadline) {
         "deadline"
     } else if job.reply.is_closed() {
         "cancelled"
-    } else if drain::cut_now(now).is_some() {
+    } else if cut.is_some() {
         "exit_timeout"
     } else {
         return Some(job);
     };
     tracing::debug!(variant = %config.label, id = %job.request.id, reason, "dropping request before execution");
     metrics::record_dropped(&config.model_name, &config.variant_name, reason);
-    let answer = match (reason, drain::cut_now(now)) {
+    let answer = match (reason, cut) {
         ("deadline", _) => ServeError::DeadlineExceeded { waited: job.enqueued.elapsed() },
         ("exit_timeout", Some(timeout)) => {
             drain::count_cut();

@@ -191,6 +191,24 @@ pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// A digits_cnn request for `version`: `pixels` holds whole 8x8 images (64 values each).
+pub fn digits_cnn_request(version: &str, pixels: &[f32]) -> mantissa_proto::inference::ModelInferRequest {
+    use mantissa_proto::inference::ModelInferRequest;
+    use mantissa_proto::inference::model_infer_request::InferInputTensor;
+    ModelInferRequest {
+        model_name: "digits_cnn".into(),
+        model_version: version.into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![(pixels.len() / 64) as i64, 1, 8, 8],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![f32_bytes(pixels)],
+        ..Default::default()
+    }
+}
+
 pub fn f32_values(raw: &[u8]) -> Vec<f32> {
     raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
 }
